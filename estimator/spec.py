@@ -1,0 +1,121 @@
+"""What the memory terms need to know about a model, computed once from its config.json.
+
+A family module (``estimator/families.py``) turns a config dict into a ``ModelSpec``; nothing else in
+the estimator looks at config keys. Every count here is exact (elements, not bytes): bytes come later,
+once a dtype or quantization format is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+# Kinds of token mixer a layer can have; the KV cache and the attention activations depend on it.
+ATTENTION_KINDS = ("full", "sliding", "mla", "linear", "ssm")
+MLP_KINDS = ("dense", "moe", "none")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A matmul weight of shape (out_features, in_features), ``count`` times in the model."""
+
+    role: str  # "attn", "mlp", "expert", "shared_expert", "lm_head", "router", "ssm", ...
+    in_features: int
+    out_features: int
+    count: int = 1
+    bias: bool = False
+    # Quantizers (GPTQ, AWQ, bitsandbytes, fp8) leave the lm_head and routers in the model dtype.
+    quantizable: bool = True
+
+    @property
+    def weight_params(self) -> int:
+        return self.in_features * self.out_features * self.count
+
+    @property
+    def bias_params(self) -> int:
+        return self.out_features * self.count if self.bias else 0
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One layer's token mixer. Head counts are per layer (Gemma, gpt-oss and DeepSeek vary them)."""
+
+    kind: str  # one of ATTENTION_KINDS
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0  # query/key head dim (MLA: qk_nope_head_dim + qk_rope_head_dim)
+    v_head_dim: int = 0  # value head dim (== head_dim except MLA)
+    window: int | None = None  # sliding-window layers: tokens kept
+    kv_lora_rank: int = 0  # MLA: compressed KV width
+    qk_rope_head_dim: int = 0  # MLA: rotary part of the key, shared across heads
+    # Linear-attention / state-space layers: recurrent state elements per sequence (conv + ssm state),
+    # stored at ``state_dtype`` ("float32" or "model", i.e. the model's dtype).
+    state_elems: int = 0
+    state_dtype: str = "model"
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """One layer's feed-forward block."""
+
+    kind: str  # one of MLP_KINDS
+    intermediate_size: int = 0  # dense: the MLP width; moe: one expert's width
+    gated: bool = True  # gate*up (SwiGLU/GeGLU) vs a plain up projection
+    num_experts: int = 0
+    top_k: int = 0
+    shared_intermediate_size: int = 0  # total width of the shared expert(s); 0 when none
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    attention: AttentionSpec
+    mlp: MLPSpec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as the memory terms see it: exact parameter layout plus per-layer shapes."""
+
+    name: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    layers: tuple[LayerSpec, ...]
+    linears: tuple[Linear, ...]  # every matmul weight, lm_head included unless tied
+    # Parameters that are not matmul weights, by category: "embedding", "norm", "other" (e.g. positional
+    # embeddings, conv kernels, A_log/dt_bias of state-space layers, attention sinks).
+    other_params: Mapping[str, int] = field(default_factory=dict)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int | None = None
+    config: Mapping = field(default_factory=dict, repr=False, compare=False)
+    # Non-parameter buffers the framework registers (rotary inv_freq, ...), elements at fp32.
+    buffer_elems: int = 0
+    # Exact stored bytes per tensor name, when read from safetensors headers (quantized checkpoints).
+    stored_bytes: Mapping[str, int] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "other_params", MappingProxyType(dict(self.other_params)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(l.weight_params + l.bias_params for l in self.linears) + sum(self.other_params.values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.other_params.get("embedding", 0)
+
+    def active_parameters(self) -> int:
+        """Parameters touched per token (MoE: top_k of num_experts routed experts)."""
+        total = self.num_parameters
+        for l in self.linears:
+            if l.role == "expert":
+                layer_moe = [s.mlp for s in self.layers if s.mlp.kind == "moe"]
+                if layer_moe and layer_moe[0].num_experts:
+                    m = layer_moe[0]
+                    total -= (l.weight_params + l.bias_params) * (m.num_experts - m.top_k) // m.num_experts
+        return total

@@ -1,0 +1,281 @@
+"""The exact quantities the memory terms are built from, in bytes.
+
+``features(spec, workload)`` returns a flat dict of integers: the KV cache the framework holds, and the
+sizes of the tensors an inference step keeps alive at its peak (one layer's working set, the logits).
+They are exact byte counts of tensors of known shape; how many of each are alive at once (the
+activation coefficients), how much the cache grows transiently (``kv_factor``) and what the allocator and
+the CUDA context add (``overhead_*``) are not exact, and come from a coefficients file
+(``estimator/coefficients.py``). ``estimator/estimate.py`` combines the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from estimator.dtypes import dtype_bytes, normalize_dtype
+from estimator.errors import UserError
+from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
+
+WORKLOADS = ("generate", "forward")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+FRAMEWORKS = ("transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One inference job. ``context`` is the tokens each sequence holds at the end (prompt + new tokens)."""
+
+    context: int
+    batch: int = 1
+    new_tokens: int = 16
+    workload: str = "generate"
+    dtype: str = "bfloat16"
+    quant: str | None = None
+    kv_dtype: str | None = None  # None: the model's dtype
+    attn: str = "sdpa"
+    cache: str = "dynamic"
+    framework: str = "transformers"
+    max_cache_len: int | None = None  # static cache: tokens pre-allocated per sequence (default: context)
+
+    def __post_init__(self):
+        for name in ("context", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"--{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.new_tokens, int) or self.new_tokens < 0:
+            raise UserError(f"--new-tokens must be a non-negative integer, got {self.new_tokens!r}")
+        _check_choice("workload", self.workload, WORKLOADS)
+        _check_choice("attn", self.attn, ATTN_IMPLEMENTATIONS)
+        _check_choice("cache", self.cache, CACHE_IMPLEMENTATIONS)
+        _check_choice("framework", self.framework, FRAMEWORKS)
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.kv_dtype is not None:
+            object.__setattr__(self, "kv_dtype", normalize_dtype(self.kv_dtype))
+        if self.workload == "forward":
+            object.__setattr__(self, "new_tokens", 0)
+        elif self.new_tokens >= self.context:
+            raise UserError(
+                f"--new-tokens ({self.new_tokens}) must be smaller than --context ({self.context}), "
+                "which counts prompt + new tokens"
+            )
+        if self.max_cache_len is not None and self.max_cache_len < self.context:
+            raise UserError(f"--max-cache-len ({self.max_cache_len}) is below --context ({self.context})")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.context - self.new_tokens
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens per sequence a cache holds at the end (a static cache: all it pre-allocated)."""
+        if self.cache == "static" and self.workload == "generate":
+            return self.max_cache_len or self.context
+        return self.context
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Workload":
+        """The workload a ``vramcal.record/1`` measured."""
+        workload = record["workload"]
+        new = int(record.get("new_tokens") or 0) if workload == "generate" else 0
+        return cls(
+            context=int(record["prompt_tokens"]) + new,
+            batch=int(record["batch_size"]),
+            new_tokens=new,
+            workload=workload,
+            dtype=record["dtype"],
+            quant=record.get("quantization"),
+            attn=record.get("attn_implementation") or "sdpa",
+            cache=record.get("cache_implementation") or "dynamic",
+            framework=record.get("framework") or "transformers",
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "context": self.context,
+            "batch": self.batch,
+            "new_tokens": self.new_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "workload": self.workload,
+            "dtype": self.dtype,
+            "quant": self.quant,
+            "kv_dtype": self.kv_dtype or self.dtype,
+            "attn": self.attn,
+            "cache": self.cache,
+            "framework": self.framework,
+            "max_cache_len": self.max_cache_len,
+        }
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache
+
+
+def kv_bytes_per_token(att: AttentionSpec, kv_bytes: float, framework: str) -> float:
+    """Cache bytes one token adds to one layer (0 for layers with a fixed recurrent state)."""
+    if att.kind in ("full", "sliding"):
+        return att.num_kv_heads * (att.head_dim + (att.v_head_dim or att.head_dim)) * kv_bytes
+    if att.kind == "mla":
+        if framework == "vllm":  # vLLM keeps the compressed latent plus the shared rotary key
+            return (att.kv_lora_rank + att.qk_rope_head_dim) * kv_bytes
+        # transformers decompresses and caches per-head K (nope + rope) and V
+        return att.num_heads * (att.head_dim + att.v_head_dim) * kv_bytes
+    return 0.0
+
+
+def cached_tokens(att: AttentionSpec, tokens: int, workload: Workload) -> int:
+    """Tokens one sequence's cache holds for this layer after ``tokens`` tokens."""
+    if att.kind != "sliding" or not att.window:
+        return tokens
+    if workload.framework == "vllm":
+        return min(tokens, att.window)
+    if workload.cache == "static":  # StaticSlidingWindowLayer: min(window, max_cache_len)
+        return min(tokens, att.window)
+    # DynamicSlidingWindowLayer keeps the last window - 1 tokens (cache_utils.py, transformers 5.x)
+    return min(tokens, att.window - 1)
+
+
+def state_bytes_per_sequence(att: AttentionSpec, model_bytes: float) -> float:
+    if att.kind not in ("linear", "ssm"):
+        return 0.0
+    return att.state_elems * (4 if att.state_dtype == "float32" else model_bytes)
+
+
+def kv_cache_bytes(spec: ModelSpec, workload: Workload, tokens: int | None = None) -> int:
+    """Bytes the cache holds for ``batch`` sequences of ``tokens`` tokens (default: the cache's size)."""
+    if workload.workload == "forward":
+        return 0
+    tokens = workload.cache_tokens if tokens is None else tokens
+    kv_b = dtype_bytes(workload.kv_dtype or workload.dtype)
+    model_b = dtype_bytes(workload.dtype)
+    total = 0.0
+    for layer in spec.layers:
+        att = layer.attention
+        total += kv_bytes_per_token(att, kv_b, workload.framework) * cached_tokens(att, tokens, workload)
+        total += state_bytes_per_sequence(att, model_b)
+    return int(total * workload.batch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention paths
+
+
+def scores_path(att: AttentionSpec, workload: Workload) -> str | None:
+    """Which attention path materialises ``batch x heads x q x k`` scores on a CUDA GPU, if any.
+
+    - eager: always (matmul, mask add, fp32 softmax, cast back).
+    - sdpa: transformers passes ``enable_gqa=True`` when there is no mask and K/V head dims match and
+      are <= 256; flash attention takes bf16/fp16; fp32 cannot use flash, and the memory-efficient kernel
+      does not take ``enable_gqa``, so fp32 GQA falls back to the math kernel, which materialises
+      the scores (the reference H100 data show it: fp32 sdpa grows as seq^2 on GQA models only).
+      Head dims above 256, or K/V head dims that differ, also send GQA to the math kernel.
+    - flash_attention_2, and vLLM's paged kernels: never.
+    """
+    if att.kind not in ("full", "sliding", "mla") or workload.framework == "vllm":
+        return None
+    if workload.attn == "eager":
+        return "eager"
+    if workload.attn == "sdpa":
+        gqa = att.num_kv_heads and att.num_kv_heads < att.num_heads
+        v_dim = att.v_head_dim or att.head_dim
+        if gqa and (workload.dtype == "float32" or att.head_dim != v_dim or att.head_dim > 256):
+            return "math"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activation features
+
+
+def _layer_features(layer: LayerSpec, tokens: int, q_len: int, k_len: int, batch: int, a: float,
+                    workload: Workload) -> dict[str, float]:
+    """Sizes of one layer's intermediate tensors for a step over ``tokens`` = batch x q_len tokens."""
+    att, mlp = layer.attention, layer.mlp
+    f = {"qkv": 0.0, "mlp": 0.0, "moe": 0.0, "router": 0.0, "scores_eager": 0.0, "scores_math": 0.0}
+    if att.kind in ("full", "sliding", "mla"):
+        v_dim = att.v_head_dim or att.head_dim
+        kv_heads = att.num_heads if att.kind == "mla" else att.num_kv_heads
+        f["qkv"] = tokens * (att.num_heads * att.head_dim + kv_heads * (att.head_dim + v_dim)) * a
+        path = scores_path(att, workload)
+        if path:
+            f[f"scores_{path}"] = batch * att.num_heads * q_len * k_len * a
+    elif att.kind in ("linear", "ssm"):
+        # projections of the mixer's inputs: count them like a q/k/v of the hidden size, times 2
+        f["qkv"] = tokens * 2 * max(att.num_heads * att.head_dim, 1) * a
+    if mlp.kind == "dense":
+        f["mlp"] = tokens * mlp.intermediate_size * a
+    elif mlp.kind == "moe":
+        # routed tokens x top_k through one expert width, plus the shared experts as a dense MLP
+        f["moe"] = tokens * mlp.top_k * mlp.intermediate_size * a
+        f["mlp"] = tokens * mlp.shared_intermediate_size * a
+        f["router"] = tokens * mlp.num_experts * 4  # router logits and softmax in fp32
+    return f
+
+
+def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
+    """Exact byte sizes for the estimate; coefficients turn them into bytes alive at the peak.
+
+    Keys: ``kv_prefill_bytes`` / ``kv_final_bytes`` (cache after the prompt / at the end),
+    ``kv_layer_bytes`` (the largest layer's share of the final cache), and for the prefill step:
+    ``hidden`` (tokens x hidden), ``qkv``, ``mlp`` (dense width), ``moe`` (routed tokens x expert
+    width), ``router``, ``scores_eager``/``scores_math`` (batch x heads x q x k where materialised),
+    ``logits`` (positions whose logits are computed x vocab, model dtype); ``*_decode`` variants for one
+    decode step. All in bytes at the activation dtype (the model's dtype; quantized models compute
+    in it too).
+    """
+    a = dtype_bytes(workload.dtype)
+    if workload.quant and a < 2:  # fp8/int weights still run their activations in 16-bit
+        a = 2.0
+    b = workload.batch
+    prompt = workload.prompt_tokens
+    out: dict[str, float] = {}
+
+    if workload.workload == "forward":
+        out["kv_prefill_bytes"] = 0
+        out["kv_final_bytes"] = 0
+        out["kv_layer_bytes"] = 0
+    else:
+        if workload.cache == "static":
+            out["kv_prefill_bytes"] = kv_cache_bytes(spec, workload)
+        else:
+            out["kv_prefill_bytes"] = kv_cache_bytes(spec, workload, tokens=prompt)
+        out["kv_final_bytes"] = kv_cache_bytes(spec, workload)
+        kv_b = dtype_bytes(workload.kv_dtype or workload.dtype)
+        out["kv_layer_bytes"] = b * max(
+            (
+                kv_bytes_per_token(l.attention, kv_b, workload.framework)
+                * cached_tokens(l.attention, workload.cache_tokens, workload)
+                + state_bytes_per_sequence(l.attention, a)
+                for l in _distinct_layers(spec)
+            ),
+            default=0,
+        )
+
+    def step(tokens_q: int, k_len: int) -> dict[str, float]:
+        worst: dict[str, float] = {}
+        for layer in _distinct_layers(spec):
+            for key, value in _layer_features(layer, b * tokens_q, tokens_q, k_len, b, a, workload).items():
+                worst[key] = max(worst.get(key, 0.0), value)
+        worst["hidden"] = b * tokens_q * spec.hidden_size * a
+        return worst
+
+    prefill_len = prompt
+    prefill = step(prefill_len, prefill_len)
+    logit_positions = prefill_len if workload.workload == "forward" else 1
+    prefill["logits"] = b * logit_positions * spec.vocab_size * a
+    out.update(prefill)
+    if workload.workload == "generate" and workload.new_tokens > 0:
+        decode = step(1, workload.context)
+        decode["logits"] = b * spec.vocab_size * a
+        out.update({f"{k}_decode": v for k, v in decode.items()})
+    return {k: int(v) for k, v in out.items()}
+
+
+def _distinct_layers(spec: ModelSpec) -> tuple[LayerSpec, ...]:
+    """The model's layer kinds, each once (most models have one or two)."""
+    return tuple(dict.fromkeys(spec.layers))

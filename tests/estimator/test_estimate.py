@@ -1,0 +1,154 @@
+"""The estimate's exact terms, its invariants and the inversion (pure Python, fast)."""
+
+import pytest
+
+from estimator import Workload, estimate, features, load_model, max_batch, max_context
+from estimator.coefficients import DEFAULT
+from estimator.errors import UserError
+from estimator.gpus import find_gpu
+from estimator.terms import kv_cache_bytes
+
+GIB = 2**30
+
+
+def test_llama_8b_acceptance_figures():
+    # issue 2 "Done when": weights = 8,030,261,248 params x 2 bytes; KV = 2 x 8 kv heads x 128 x 32 layers
+    # x 2 bytes x 8192 tokens x 4 sequences = 4 GiB exactly.
+    est = estimate(load_model("llama-3.1-8b"), Workload(context=8192, batch=4))
+    assert est.weights_bytes == 16_060_522_496
+    assert est.kv_cache_bytes == 4 * GIB
+
+
+def test_breakdown_adds_up_and_interval_brackets_total():
+    est = estimate(load_model("qwen2.5-7b"), Workload(context=4096, batch=2))
+    parts = est.weights_bytes + est.kv_cache_bytes + est.activation_bytes + est.overhead_bytes
+    assert parts == est.total_bytes
+    assert est.low_bytes <= est.total_bytes <= est.high_bytes
+    assert est.activation_bytes > 0 and est.overhead_bytes > 0
+
+
+def test_estimate_grows_with_context_and_batch():
+    spec = load_model("llama-3.2-1b")
+    totals = [estimate(spec, Workload(context=c, batch=b)).total_bytes for c, b in
+              [(1024, 1), (4096, 1), (4096, 4), (16384, 4)]]
+    assert totals == sorted(totals) and len(set(totals)) == 4
+
+
+def test_kv_dtype_fp8_halves_the_cache():
+    spec = load_model("llama-3.1-8b")
+    bf16 = kv_cache_bytes(spec, Workload(context=4096, batch=2))
+    fp8 = kv_cache_bytes(spec, Workload(context=4096, batch=2, kv_dtype="fp8"))
+    assert fp8 * 2 == bf16
+
+
+def test_sliding_window_caps_the_cache():
+    # Mistral-7B-v0.1: sliding_window 4096 on every layer; transformers' DynamicSlidingWindowLayer
+    # keeps window - 1 tokens, its StaticSlidingWindowLayer the window; vLLM the window.
+    spec = load_model("mistral-7b")
+    per_token = 32 * 2 * 8 * 128 * 2
+    assert kv_cache_bytes(spec, Workload(context=32768)) == per_token * 4095
+    assert kv_cache_bytes(spec, Workload(context=32768, cache="static")) == per_token * 4096
+    assert kv_cache_bytes(spec, Workload(context=32768, framework="vllm")) == per_token * 4096
+    assert kv_cache_bytes(spec, Workload(context=2048)) == per_token * 2048
+
+
+def test_gemma2_only_global_layers_grow():
+    spec = load_model("gemma-2-9b")
+    short = kv_cache_bytes(spec, Workload(context=4096, new_tokens=16))
+    long = kv_cache_bytes(spec, Workload(context=8192, new_tokens=16))
+    kinds = [l.attention.kind for l in spec.layers]
+    assert kinds.count("sliding") == kinds.count("full") == len(kinds) // 2
+    # past the 4096 window only the full-attention half of the layers grows
+    assert long - short < short
+
+
+def test_mla_cache_depends_on_framework():
+    spec = load_model("deepseek-v2-lite")
+    tf = kv_cache_bytes(spec, Workload(context=1024))
+    vllm = kv_cache_bytes(spec, Workload(context=1024, framework="vllm"))
+    att = spec.layers[0].attention
+    assert tf == len(spec.layers) * 1024 * att.num_heads * (att.head_dim + att.v_head_dim) * 2
+    assert vllm == len(spec.layers) * 1024 * (att.kv_lora_rank + att.qk_rope_head_dim) * 2
+    assert vllm < tf
+
+
+def test_static_cache_is_preallocated():
+    spec = load_model("llama-3.2-1b")
+    dyn = kv_cache_bytes(spec, Workload(context=1024))
+    static = kv_cache_bytes(spec, Workload(context=1024, cache="static", max_cache_len=4096))
+    assert static == 4 * dyn
+
+
+def test_forward_has_no_cache_and_full_logits():
+    spec = load_model("qwen2.5-0.5b")
+    f = features(spec, Workload(context=2048, batch=4, workload="forward"))
+    assert f["kv_final_bytes"] == 0
+    assert f["logits"] == 4 * 2048 * 151936 * 2
+    g = features(spec, Workload(context=2048, batch=4, workload="generate"))
+    assert g["logits"] == 4 * 151936 * 2  # generate computes the last position's logits only
+
+
+def test_scores_only_where_the_gpu_path_materialises_them():
+    spec = load_model("llama-3.2-1b")  # GQA: 32 heads, 8 kv heads
+    sdpa_bf16 = features(spec, Workload(context=4096, attn="sdpa"))
+    sdpa_fp32 = features(spec, Workload(context=4096, attn="sdpa", dtype="float32"))
+    eager = features(spec, Workload(context=4096, attn="eager"))
+    assert sdpa_bf16["scores_eager"] == sdpa_bf16["scores_math"] == 0
+    assert sdpa_fp32["scores_math"] == 32 * 4080 * 4080 * 4
+    assert eager["scores_eager"] == 32 * 4080 * 4080 * 2
+
+
+def test_coefficients_are_named_in_output():
+    est = estimate(load_model("gpt2"), Workload(context=512), coefficients=DEFAULT)
+    d = est.as_dict()
+    assert d["coefficients"]["calibrated"] is False
+    for key in ("total_bytes", "weights_bytes", "kv_cache_bytes", "activation_bytes", "overhead_bytes",
+                "low_bytes", "high_bytes", "inputs"):
+        assert key in d
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"context": 0}, "context"), ({"context": 128, "batch": -1}, "batch"),
+    ({"context": 16, "new_tokens": 16}, "new-tokens"), ({"context": 128, "attn": "flash"}, "attn"),
+    ({"context": 128, "dtype": "float12"}, "dtype"),
+])
+def test_bad_workloads_name_the_option(kwargs, word):
+    with pytest.raises(UserError, match=word):
+        Workload(**kwargs)
+
+
+def test_max_context_and_max_batch_are_the_largest_that_fit():
+    spec = load_model("llama-3.1-8b")
+    gpu = find_gpu("L4")
+    base = Workload(context=1, new_tokens=0)
+    best = max_context(spec, base, "L4")["max_context"]
+    assert best is not None
+    from dataclasses import replace
+    assert estimate(spec, replace(base, context=best)).high_bytes <= gpu.memory_bytes
+    assert estimate(spec, replace(base, context=best + 1)).high_bytes > gpu.memory_bytes
+    b = max_batch(spec, Workload(context=4096), "H100")["max_batch"]
+    h100 = find_gpu("H100").memory_bytes
+    assert estimate(spec, Workload(context=4096, batch=b)).high_bytes <= h100
+    assert estimate(spec, Workload(context=4096, batch=b + 1)).high_bytes > h100
+
+
+def test_max_context_stops_at_the_models_positions():
+    spec = load_model("gpt2")  # 1024 positions; fits any listed GPU
+    assert max_context(spec, Workload(context=1, new_tokens=0), "H200")["max_context"] == 1024
+
+
+def test_a_model_too_large_for_the_gpu_has_no_max_batch():
+    assert max_batch(load_model("llama-3.1-70b"), Workload(context=1024), "T4")["max_batch"] is None
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(UserError, match="llama-3.1-8b"):
+        load_model("llama-3.1-8")
+
+
+def test_gpu_names_resolve_from_aliases_and_nvml_names():
+    assert find_gpu("h100").name == "H100 80GB"
+    assert find_gpu("NVIDIA H100 80GB HBM3").name == "H100 80GB"
+    assert find_gpu("NVIDIA A100-PCIE-40GB").name == "A100 40GB"
+    with pytest.raises(UserError, match="unknown GPU"):
+        find_gpu("voodoo2")

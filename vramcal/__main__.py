@@ -1,0 +1,3 @@
+from vramcal.cli import main
+
+raise SystemExit(main())
