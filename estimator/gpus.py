@@ -24,7 +24,7 @@ class GPU:
 
 
 GPUS: tuple[GPU, ...] = (
-    GPU("H100 80GB", 81559 * MIB, ("h100", "h100-80gb", "h100-sxm", "nvidia h100 80gb hbm3")),
+    GPU("H100 80GB", 81559 * MIB, ("h100", "h100-80gb", "h100-sxm", "nvidia h100 80gb hbm3", "h100-pcie")),
     GPU("H200", 143771 * MIB, ("h200", "h200-141gb", "nvidia h200")),
     GPU("A100 80GB", 81920 * MIB, ("a100-80gb", "a100", "nvidia a100-sxm4-80gb")),
     GPU("A100 40GB", 40960 * MIB, ("a100-40gb", "nvidia a100-sxm4-40gb")),
@@ -39,7 +39,9 @@ GPUS: tuple[GPU, ...] = (
 
 
 def _key(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", text.lower())
+    """Letters and digits only, board variants dropped: "NVIDIA A100-PCIE-40GB" -> "nvidiaa10040gb"."""
+    text = re.sub(r"\b(pcie|sxm\d?|nvl|hbm\d?e?)\b", "", text.lower())
+    return re.sub(r"[^a-z0-9]", "", text)
 
 
 _INDEX = {_key(alias): gpu for gpu in GPUS for alias in (gpu.name, *gpu.aliases)}

@@ -8,6 +8,7 @@ once a dtype or quantization format is chosen.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Mapping
 
@@ -53,6 +54,9 @@ class AttentionSpec:
     # stored at ``state_dtype`` ("float32" or "model", i.e. the model's dtype).
     state_elems: int = 0
     state_dtype: str = "model"
+    # Short-convolution state of linear-attention layers (Qwen3-Next: conv_dim x kernel per sequence),
+    # always stored at the model's dtype, next to the recurrent state above.
+    conv_state_elems: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,14 @@ class ModelSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "other_params", MappingProxyType(dict(self.other_params)))
+
+    @cached_property
+    def layer_groups(self) -> tuple[tuple[LayerSpec, int], ...]:
+        """Distinct layer kinds with how many layers have each (most models have one or two)."""
+        counts: dict[LayerSpec, int] = {}
+        for layer in self.layers:
+            counts[layer] = counts.get(layer, 0) + 1
+        return tuple(counts.items())
 
     @property
     def num_layers(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from estimator.dtypes import dtype_bytes, normalize_dtype
 from estimator.errors import UserError
+from estimator.quant import normalize_quant
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
 
 WORKLOADS = ("generate", "forward")
@@ -50,6 +51,7 @@ class Workload:
         _check_choice("cache", self.cache, CACHE_IMPLEMENTATIONS)
         _check_choice("framework", self.framework, FRAMEWORKS)
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        object.__setattr__(self, "quant", normalize_quant(self.quant))
         if self.kv_dtype is not None:
             object.__setattr__(self, "kv_dtype", normalize_dtype(self.kv_dtype))
         if self.workload == "forward":
@@ -154,10 +156,10 @@ def kv_cache_bytes(spec: ModelSpec, workload: Workload, tokens: int | None = Non
     kv_b = dtype_bytes(workload.kv_dtype or workload.dtype)
     model_b = dtype_bytes(workload.dtype)
     total = 0.0
-    for layer in spec.layers:
+    for layer, count in spec.layer_groups:
         att = layer.attention
-        total += kv_bytes_per_token(att, kv_b, workload.framework) * cached_tokens(att, tokens, workload)
-        total += state_bytes_per_sequence(att, model_b)
+        per_layer = kv_bytes_per_token(att, kv_b, workload.framework) * cached_tokens(att, tokens, workload)
+        total += count * (per_layer + state_bytes_per_sequence(att, model_b))
     return int(total * workload.batch)
 
 
@@ -278,4 +280,4 @@ def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
 
 def _distinct_layers(spec: ModelSpec) -> tuple[LayerSpec, ...]:
     """The model's layer kinds, each once (most models have one or two)."""
-    return tuple(dict.fromkeys(spec.layers))
+    return tuple(layer for layer, _ in spec.layer_groups)

@@ -1,0 +1,164 @@
+"""Hugging Face transformers: build a model and run `generate` or one full-logit forward pass.
+
+Random weights from a config are built directly on the device (`with torch.device(...)`): memory does
+not depend on weight values. A checkpoint folder is loaded with `from_pretrained`, quantized at load
+time when the case asks for it.
+
+Static caches are run eagerly (`disable_compile=True`): on CUDA, transformers would otherwise compile
+the decoding step, which takes minutes per shape and adds CUDA-graph pools that are not the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+NAME = "transformers"
+
+
+def version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_config(case):
+    """The `PretrainedConfig` of a case's config.json file, checkpoint folder or Hub repo id."""
+    from transformers import AutoConfig
+
+    if case.source_kind == "config":
+        with open(case.source, encoding="utf-8") as handle:
+            data = json.load(handle)
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            raise ValueError(f"{case.source} has no model_type")
+        return AutoConfig.for_model(model_type, **data)
+    return AutoConfig.from_pretrained(case.source)
+
+
+def _quantization_config(quant: str, dtype):
+    import transformers
+
+    if quant == "bnb-int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    if quant in ("bnb-nf4", "bnb-fp4"):
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant[4:], bnb_4bit_compute_dtype=dtype
+        )
+    if quant == "fp8":
+        return transformers.FineGrainedFP8Config()
+    raise ValueError(f"no load-time quantization {quant!r}")
+
+
+def build(case, device: str):
+    """The model on `device`, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = _torch_dtype(case.dtype)
+    if case.source_kind == "checkpoint":
+        kwargs = {"dtype": dtype, "attn_implementation": case.attn, "device_map": device}
+        stored = json.loads(open(f"{case.source}/config.json", encoding="utf-8").read())
+        if case.quant and not stored.get("quantization_config"):
+            kwargs["quantization_config"] = _quantization_config(case.quant, dtype)
+        model = AutoModelForCausalLM.from_pretrained(case.source, **kwargs)
+    else:
+        config = load_config(case)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=case.attn)
+    return model.eval()
+
+
+def weights_bytes(model) -> int:
+    """Parameters + buffers, numel x element size (tied weights count once)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return int(params + buffers)
+
+
+def config_dict(model) -> dict:
+    # to_dict() can hold dtypes and other non-JSON values; a record must be plain JSON
+    return json.loads(json.dumps(model.config.to_dict(), default=str))
+
+
+@dataclass
+class Run:
+    output: object  # kept alive until the caller has read device memory
+    kv_cache_bytes: int | None
+    cache_class: str | None
+
+
+def run(model, case, device: str, seed: int = 0) -> Run:
+    """`generate`: prefill `prompt_tokens`, then exactly `new_tokens` greedy steps; `forward`: one pass
+    with `use_cache=False` and logits for every position. Inputs are random token ids (batch, prompt)."""
+    import torch
+
+    torch.manual_seed(seed)
+    vocab = int(getattr(model.config.get_text_config(), "vocab_size", 0) or 32000)
+    with torch.no_grad():
+        input_ids = torch.randint(0, vocab, (case.batch, case.prompt_tokens), device=device)
+        if case.workload == "forward":
+            output = model(input_ids, use_cache=False)
+            return Run(output, None, None)
+        attention_mask = torch.ones_like(input_ids)
+        generation_config = model.generation_config
+        pad = generation_config.pad_token_id
+        if pad is None:
+            eos = generation_config.eos_token_id
+            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        output = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=case.new_tokens,
+            min_new_tokens=case.new_tokens,
+            do_sample=False,
+            num_beams=1,
+            cache_implementation=case.cache,
+            disable_compile=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+        )
+    produced = output.sequences.shape[-1] - case.prompt_tokens
+    if produced != case.new_tokens:
+        raise RuntimeError(f"generate produced {produced} new tokens, not {case.new_tokens}")
+    cache = getattr(output, "past_key_values", None)
+    if cache is None:
+        return Run(output, None, None)
+    return Run(output, cache_bytes(cache), type(cache).__name__)
+
+
+def cache_bytes(cache) -> int:
+    """Storage bytes of every tensor a cache object holds (its layers' keys, values, states, counters);
+    a storage shared by several tensors counts once."""
+    import torch
+
+    seen_objects: set[int] = set()
+    storages: dict[tuple, int] = {}
+
+    def visit(obj, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            storages[(obj.device.type, obj.device.index, storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+            return
+        if depth > 4 or id(obj) in seen_objects or isinstance(obj, (str, bytes, int, float, bool, torch.nn.Module)):
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, dict):
+            values = obj.values()
+        elif isinstance(obj, (list, tuple)):
+            values = obj
+        elif hasattr(obj, "__dict__"):
+            values = vars(obj).values()
+        else:
+            return
+        for value in values:
+            visit(value, depth + 1)
+
+    visit(cache, 0)
+    return int(sum(storages.values()))
