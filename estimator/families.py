@@ -23,9 +23,6 @@ from typing import Callable
 from estimator.errors import UserError
 from estimator.spec import AttentionSpec, LayerSpec, Linear, MLPSpec, ModelSpec
 
-_MISSING = object()
-
-
 class Config:
     """A config dict that names the model and the missing key when something needed is absent."""
 
@@ -38,13 +35,15 @@ class Config:
             raise UserError(f"config for {self.name} lacks '{key}' (needed for {why})")
         return value
 
-    def get(self, key: str, default=_MISSING):
-        """The config's value, else the family default, else ``default`` (None if not given)."""
-        if self.data.get(key) is not None:
-            return self.data[key]
-        if key in self.defaults:
-            return self.defaults[key]
-        return None if default is _MISSING else default
+    def get(self, key: str, default=None):
+        """The config's value; ``default`` when it is null; the family default when the key is absent.
+
+        An explicit null switches a feature off (Mistral-7B-v0.3: ``"sliding_window": null``), while an
+        absent key means the transformers config class's default (Mistral: a 4096-token window).
+        """
+        if key in self.data:
+            return default if self.data[key] is None else self.data[key]
+        return self.defaults.get(key, default)
 
     def present(self, key: str, why: str):
         """A key that must be present but may be null (e.g. ``q_lora_rank``)."""
@@ -84,7 +83,10 @@ class Decoder:
     gated_query: bool = False  # Qwen3-Next full attention: q_proj also emits a sigmoid gate
     mlp_bias_key: str | None = None  # config key switching biases on the dense MLP (Llama: mlp_bias)
     norms_per_layer: int = 2  # Gemma 2/3 add pre/post feed-forward norms
-    windows: str = "none"  # "none", "all", "qwen" (max_window_layers), "alternate" (Gemma 2), "pattern"
+    # Which layers slide: "none"; "all" (Mistral); "qwen" (layers from max_window_layers on, when
+    # use_sliding_window); "qwen_all" (every layer, when use_sliding_window); "alternate" (Gemma 2);
+    # "pattern" (Gemma 3: one global layer per sliding_window_pattern). A config's layer_types wins.
+    windows: str = "none"
     moe: str | None = None  # None, "mixtral", "qwen", "olmoe", "gpt_oss", "qwen_next"
     rotary_copies: int = 1  # Gemma 3 keeps a global and a local rotary embedding
     embed_scale: bool = False  # Gemma's scaled embedding registers a scalar buffer
@@ -133,7 +135,8 @@ def _moe_layer(cfg: Config, dec: Decoder, i: int) -> bool:
         return True
     if dec.moe in ("qwen", "qwen_next"):
         step = cfg.get("decoder_sparse_step", 1)
-        return i not in (cfg.get("mlp_only_layers") or []) and cfg.get("num_experts", 0) > 0 and (i + 1) % step == 0
+        experts = cfg.need("num_experts", "the expert count")
+        return i not in (cfg.get("mlp_only_layers") or []) and experts > 0 and (i + 1) % step == 0
     return False
 
 

@@ -145,7 +145,8 @@ def cached_tokens(att: AttentionSpec, tokens: int, workload: Workload) -> int:
 def state_bytes_per_sequence(att: AttentionSpec, model_bytes: float) -> float:
     if att.kind not in ("linear", "ssm"):
         return 0.0
-    return att.state_elems * (4 if att.state_dtype == "float32" else model_bytes)
+    ssm = att.state_elems * (4 if att.state_dtype == "float32" else model_bytes)
+    return ssm + att.conv_state_elems * model_bytes  # the short-convolution state is in the model's dtype
 
 
 def kv_cache_bytes(spec: ModelSpec, workload: Workload, tokens: int | None = None) -> int:

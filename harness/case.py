@@ -28,7 +28,8 @@ DTYPES = {  # accepted spelling -> canonical torch dtype name
 # Quantization applied at load time to a checkpoint folder (needs the weights and the library).
 # A checkpoint whose config.json carries a `quantization_config` is measured as stored, under its
 # `quant_method` name (gptq, awq, fp8, compressed-tensors, ...).
-LOAD_TIME_QUANTS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "fp8")
+# Names are estimator.quant's canonical ones, so a record's `quantization` maps onto its formats.
+LOAD_TIME_QUANTS = ("bnb-int8", "bnb-nf4", "bnb-nf4-nodq", "bnb-fp4", "bnb-fp4-nodq", "fp8-block")
 FRAMEWORKS = ("transformers",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -97,7 +98,7 @@ def resolve_model(model: str) -> ModelSource:
             raise UserError(f"folder {path} holds no config.json")
         data = _read_json(config)
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-        quant = (data.get("quantization_config") or {}).get("quant_method")
+        quant = _normalize_quant((data.get("quantization_config") or {}).get("quant_method"), strict=False)
         if not has_weights:
             return ModelSource(path.resolve().name, str(config.resolve()), "config")
         return ModelSource(path.resolve().name, str(path.resolve()), "checkpoint", quant)
@@ -108,6 +109,22 @@ def resolve_model(model: str) -> ModelSource:
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UserError(f"unknown model {model!r}{hint} (give a name from configs/models, a config.json, "
                     "a checkpoint folder or a Hugging Face repo id)")
+
+
+def _normalize_quant(name: str | None, strict: bool = True) -> str | None:
+    """estimator.quant's canonical name ("nf4" -> "bnb-nf4"); a stored format it does not know stays."""
+    if name is None or str(name).strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        from estimator.quant import normalize_quant
+    except ImportError:  # pragma: no cover - estimator.quant not in this checkout
+        return str(name)
+    try:
+        return normalize_quant(name)
+    except UserError:
+        if strict:
+            raise
+        return str(name)
 
 
 def _read_json(path: Path) -> dict:
@@ -188,8 +205,7 @@ class Case:
         if workload == "generate" and context <= new_tokens:
             raise UserError(f"context {context} must exceed new_tokens {new_tokens} "
                             "(context = prompt + new tokens)")
-        if quant in ("none", ""):
-            quant = None
+        quant = _normalize_quant(quant)
         if quant is not None:
             _choice("quant", quant, LOAD_TIME_QUANTS)
             if src.quant_method:

@@ -47,11 +47,12 @@ def _quantization_config(quant: str, dtype):
 
     if quant == "bnb-int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    if quant in ("bnb-nf4", "bnb-fp4"):
+    if quant.startswith(("bnb-nf4", "bnb-fp4")):  # "-nodq": without double quantization
         return transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant[4:], bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type=quant[4:7], bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=not quant.endswith("-nodq"),
         )
-    if quant == "fp8":
+    if quant == "fp8-block":  # e4m3 weights, one fp32 scale per 128x128 block
         return transformers.FineGrainedFP8Config()
     raise ValueError(f"no load-time quantization {quant!r}")
 

@@ -80,6 +80,13 @@ def test_mistral_window_on_every_layer():
     assert {(l.attention.kind, l.attention.window) for l in s.layers} == {("sliding", 4096)}
 
 
+def test_null_window_is_off_and_absent_window_is_the_family_default():
+    null = {**load("mistral-7b"), "sliding_window": None}  # Mistral-7B-v0.3 writes null
+    assert {l.attention.kind for l in spec_from_config(null, "v0.3").layers} == {"full"}
+    absent = {k: v for k, v in load("mistral-7b").items() if k != "sliding_window"}
+    assert {l.attention.window for l in spec_from_config(absent, "m").layers} == {4096}  # MistralConfig default
+
+
 def test_gemma2_alternates_sliding_and_global_layers():
     s = spec("gemma-2-9b")
     kinds = [(l.attention.kind, l.attention.window) for l in s.layers]

@@ -1,0 +1,210 @@
+"""The parent side: spawn one worker per (device, alloc_conf, model) group, append its records.
+
+The parent never imports torch (so it never holds a CUDA context of its own); it is the only writer of
+the output file, and writes each record (validated, flushed, fsynced) as soon as it arrives. A worker
+that dies records `status: error` for the case it was measuring; a new worker takes the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from estimator.errors import UserError
+from estimator.records import append_record, case_key
+from harness.case import Case
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STDERR_TAIL_LINES = 40
+
+
+def worker_env(alloc_conf: str) -> dict:
+    """The worker's environment: the case's allocator config (and nothing inherited), PCI bus order so
+    CUDA and NVML number GPUs alike, and this checkout importable."""
+    env = dict(os.environ)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    env.pop("PYTORCH_ALLOC_CONF", None)
+    if alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf  # the name every torch reads
+        env["PYTORCH_ALLOC_CONF"] = alloc_conf  # the name torch >= 2.9 reads first
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "did not exit"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Worker:
+    """One spawned `python -m harness.worker` and its message stream."""
+
+    def __init__(self, cases: Sequence[Case], device: str, seed: int, echo_stderr: bool = False):
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.worker", "--parent-pid", str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=worker_env(cases[0].alloc_conf), cwd=str(REPO_ROOT), text=True, bufsize=1,
+        )
+        self._stderr_thread = threading.Thread(target=self._read_stderr, args=(echo_stderr,), daemon=True)
+        self._stderr_thread.start()
+        job = {"device": device, "framework": cases[0].framework, "seed": seed,
+               "cases": [c.to_dict() for c in cases]}
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died at once; messages() ends and the exit status tells why
+
+    def _read_stderr(self, echo: bool) -> None:
+        for line in self.proc.stderr:
+            self.stderr_tail.append(line.rstrip("\n"))
+            if echo:
+                sys.stderr.write(line)
+
+    def messages(self):
+        for line in self.proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                self.stderr_tail.append(line)
+
+    def finish(self) -> int:
+        """Close stdin (the worker exits if still running) and wait for it."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._stderr_thread.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def last_error_line(self) -> str:
+        for line in reversed(self.stderr_tail):
+            if line.strip() and not line.startswith(("  ", "Traceback")):
+                return " ".join(line.split())[:300]
+        return "no output on stderr"
+
+
+def run_cases(
+    cases: Sequence[Case],
+    out: Path,
+    *,
+    gpu_name: str | None,
+    seed: int = 0,
+    on_start: Callable[[Case], None] | None = None,
+    on_record: Callable[[Case, dict], None] | None = None,
+    echo_stderr: bool = False,
+) -> list[dict]:
+    """Measure `cases` (already ordered) and append one record per case to `out`; returns them.
+
+    Consecutive cases of the same process group share a worker. Raises UserError when a worker cannot
+    set up the device at all (nothing would be measured).
+    """
+    records: list[dict] = []
+    groups: list[list[Case]] = []
+    for case in cases:
+        if groups and groups[-1][0].process_group() == case.process_group():
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    for group in groups:
+        remaining = list(group)
+        fruitless = 0
+        while remaining:
+            progressed = _run_worker(remaining, out, gpu_name=gpu_name, seed=seed, records=records,
+                                     on_start=on_start, on_record=on_record, echo_stderr=echo_stderr)
+            fruitless = 0 if progressed else fruitless + 1
+            if fruitless >= 2:
+                raise UserError(f"the measuring worker for {group[0].model} keeps dying before measuring "
+                                "anything; run with --verbose to see its output")
+    return records
+
+
+def _run_worker(remaining: list[Case], out: Path, *, gpu_name, seed, records, on_start, on_record,
+                echo_stderr) -> bool:
+    """One worker over `remaining` (consumed in place). True if at least one record was written."""
+    device = remaining[0].device
+    by_key = {c.key(gpu_name): c for c in remaining}
+    worker = Worker(remaining, device, seed, echo_stderr=echo_stderr)
+    env = None
+    in_flight: Case | None = None
+    progressed = False
+    try:
+        for message in worker.messages():
+            event = message.get("event")
+            if event == "fatal":
+                raise UserError(message.get("error") or "the measuring worker could not start")
+            if event == "hello":
+                env = message["env"]
+                if device == "cuda" and env.get("gpu_name") != gpu_name:
+                    raise UserError(f"the worker measures on {env.get('gpu_name')!r}, not {gpu_name!r}; "
+                                    "set CUDA_VISIBLE_DEVICES to one GPU")
+            elif event == "start":
+                in_flight = by_key.get(message.get("key"))
+                if in_flight is not None and on_start:
+                    on_start(in_flight)
+            elif event == "record":
+                rec = message["record"]
+                case = by_key.get(case_key(rec))
+                if case is None:
+                    raise UserError(f"the worker returned a record for a case it was not given: {case_key(rec)}")
+                append_record(out, rec)
+                records.append(rec)
+                remaining.remove(case)
+                in_flight, progressed = None, True
+                if on_record:
+                    on_record(case, rec)
+            elif event == "done":
+                break
+    except BaseException:
+        worker.kill()
+        raise
+    code = worker.finish()
+    if not remaining:
+        return progressed
+    if env is None:
+        raise UserError(f"the measuring worker {_describe_exit(code)} before it was ready: "
+                        f"{worker.last_error_line()}")
+    if in_flight is None:  # died between cases: the next worker takes them all
+        return progressed
+    from harness.worker import base_record
+
+    rec = base_record(in_flight, env, seed=seed, config=in_flight.read_config())
+    rec["error"] = (f"the measuring process {_describe_exit(code)} during this case "
+                    f"(last output: {worker.last_error_line()})")
+    append_record(out, rec)
+    records.append(rec)
+    remaining.remove(in_flight)
+    if on_record:
+        on_record(in_flight, rec)
+    return True

@@ -1,0 +1,365 @@
+"""Sweep files: TOML -> frozen dataclasses -> ordered cases -> records, resumably.
+
+A sweep file holds top-level settings and one or more ``[[matrix]]`` tables; each matrix is the product
+of its axes (models x dtypes x attn x cache x workloads x contexts x batches x new_tokens x alloc_conf x
+quant). An axis left out of a matrix takes the top-level value of the same name, else its default::
+
+    name = "h100-smoke"
+    device = "cuda"                 # or "cpu" (tiny test sweeps)
+    gpu = "h100"                    # GPU the estimate filter assumes when none is visible (dry runs)
+    out = "results/h100/smoke.jsonl"  # default output, relative to the current directory
+    skip_over_estimate = 1.5        # skip cases estimated above 1.5 x device memory (0: never)
+    memory_limit_bytes = 0          # 0: none; else a cap (cuda: memory fraction; cpu: tracker limit)
+    seed = 0
+
+    [[matrix]]
+    models = ["llama-3.2-1b"]
+    contexts = [1024, 4096]         # prompt + new tokens (forward: the sequence length)
+    batches = [1, 4]
+
+For ``workloads = ["forward"]`` the cache and new_tokens axes do not apply (null and 0). A generate
+combination whose context does not exceed its new tokens is left out. Cases already in the output
+file (same case key, any status) are skipped, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from estimator.errors import UserError
+from estimator.records import case_key, read_records
+from harness.case import ATTNS, CACHES, DEVICES, WORKLOADS, Case, normalize_dtype
+
+GIB = 2**30
+
+# axis -> (element type, default)
+AXES: dict[str, tuple[type, tuple]] = {
+    "models": (str, ()),
+    "dtypes": (str, ("bfloat16",)),
+    "attn": (str, ("sdpa",)),
+    "cache": (str, ("dynamic",)),
+    "workloads": (str, ("generate",)),
+    "contexts": (int, ()),
+    "batches": (int, (1,)),
+    "new_tokens": (int, (16,)),
+    "alloc_conf": (str, ("",)),
+    "quant": (str, ("none",)),
+}
+SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed")
+_CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    models: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    attn: tuple[str, ...]
+    cache: tuple[str, ...]
+    workloads: tuple[str, ...]
+    contexts: tuple[int, ...]
+    batches: tuple[int, ...]
+    new_tokens: tuple[int, ...]
+    alloc_conf: tuple[str, ...]
+    quant: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    path: str
+    name: str
+    description: str
+    device: str
+    gpu: str | None
+    out: str | None
+    skip_over_estimate: float
+    memory_limit_bytes: int | None
+    seed: int
+    matrices: tuple[Matrix, ...] = field(repr=False)
+
+
+def _axis(where: str, name: str, value) -> tuple:
+    kind, _ = AXES[name]
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise UserError(f"{where}: {name} is empty")
+    out = []
+    for item in value:
+        if kind is int and (isinstance(item, bool) or not isinstance(item, int) or item < 0):
+            raise UserError(f"{where}: {name} holds {item!r}; expected non-negative integers")
+        if kind is str and not isinstance(item, str):
+            raise UserError(f"{where}: {name} holds {item!r}; expected strings")
+        if name in _CHOICES and item not in _CHOICES[name]:
+            raise UserError(f"{where}: {name} {item!r} is not one of: {', '.join(_CHOICES[name])}")
+        if name == "dtypes":
+            try:
+                item = normalize_dtype(item)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+        out.append(item)
+    return tuple(dict.fromkeys(out))
+
+
+def load_sweep(path) -> Sweep:
+    """Parse and check a sweep file; UserError names the file, the table and the field."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"sweep file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read sweep file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}") from None
+    unknown = set(data) - set(SETTINGS) - set(AXES) - {"matrix"}
+    if unknown:
+        raise UserError(f"{path}: unknown setting {sorted(unknown)[0]!r} (allowed: "
+                        f"{', '.join(SETTINGS + tuple(AXES) + ('[[matrix]]',))})")
+    device = data.get("device", "cuda")
+    if device not in DEVICES:
+        raise UserError(f"{path}: device {device!r} is not one of: {', '.join(DEVICES)}")
+    ratio = data.get("skip_over_estimate", 1.5)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0:
+        raise UserError(f"{path}: skip_over_estimate must be a number >= 0 (0: never skip), not {ratio!r}")
+    limit = data.get("memory_limit_bytes", 0)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise UserError(f"{path}: memory_limit_bytes must be an integer >= 0, not {limit!r}")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"{path}: seed must be an integer, not {seed!r}")
+    for name in ("name", "description", "gpu", "out"):
+        if name in data and not isinstance(data[name], str):
+            raise UserError(f"{path}: {name} must be a string, not {data[name]!r}")
+    tables = data.get("matrix", [])
+    if not isinstance(tables, list) or not tables:
+        raise UserError(f"{path}: no [[matrix]] table; a sweep needs at least one")
+    matrices = []
+    for i, table in enumerate(tables, 1):
+        where = f"{path} [[matrix]] {i}"
+        unknown = set(table) - set(AXES)
+        if unknown:
+            raise UserError(f"{where}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(AXES)})")
+        axes = {}
+        for name, (_, default) in AXES.items():
+            value = table.get(name, data.get(name, list(default)))
+            if value == [] and not default:
+                raise UserError(f"{where}: {name} is required")
+            axes[name] = _axis(where, name, value)
+        matrices.append(Matrix(**axes))
+    return Sweep(
+        path=str(path), name=data.get("name", path.stem), description=data.get("description", ""),
+        device=device, gpu=data.get("gpu"), out=data.get("out"), skip_over_estimate=float(ratio),
+        memory_limit_bytes=limit or None, seed=seed, matrices=tuple(matrices),
+    )
+
+
+def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
+    """All distinct cases of the sweep, in file order, and how many combinations were left out
+    (a generate context that does not exceed its new tokens)."""
+    device = device or sweep.device
+    cases: dict[tuple, Case] = {}
+    left_out = 0
+    for m in sweep.matrices:
+        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant in itertools.product(
+            m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches, m.new_tokens,
+            m.alloc_conf, m.quant,
+        ):
+            if workload == "forward":
+                cache, new = None, 0
+            elif context <= new:
+                left_out += 1
+                continue
+            case = Case.make(model, device=device, dtype=dtype, attn=attn, cache=cache, workload=workload,
+                             context=context, batch=batch, new_tokens=new, alloc_conf=alloc, quant=quant,
+                             memory_limit_bytes=sweep.memory_limit_bytes)
+            cases.setdefault(case.key(), case)
+    return list(cases.values()), left_out
+
+
+def order(cases: list[Case]) -> list[Case]:
+    """One worker per process group, one build per (dtype, attn, quant) within it, small cases first
+    (an OOM near the end of a build group disturbs nothing after it)."""
+    process_rank: dict[tuple, int] = {}
+    build_rank: dict[tuple, int] = {}
+    for case in cases:
+        process_rank.setdefault(case.process_group(), len(process_rank))
+        build_rank.setdefault((case.process_group(), case.build_group()), len(build_rank))
+    return sorted(cases, key=lambda c: (process_rank[c.process_group()],
+                                         build_rank[(c.process_group(), c.build_group())],
+                                         c.batch * c.context, c.batch, c.workload, c.cache or ""))
+
+
+class EstimateFilter:
+    """`estimator.estimate` of a case, to skip cases far beyond the device; None where unavailable."""
+
+    def __init__(self, memory_bytes: int | None, ratio: float):
+        self.memory_bytes = memory_bytes
+        self.ratio = ratio
+        self.warnings: list[str] = []
+        self._specs: dict[str, object] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.memory_bytes and self.ratio > 0)
+
+    def estimate_bytes(self, case: Case) -> int | None:
+        try:
+            from estimator import Workload, estimate, load_model
+        except ImportError as exc:
+            self._warn("*", f"the estimator is unavailable ({exc}); no case is skipped")
+            return None
+        try:
+            if case.source not in self._specs:
+                self._specs[case.source] = load_model(case.source)
+            spec = self._specs[case.source]
+            workload = Workload(context=case.context, batch=case.batch, new_tokens=case.new_tokens,
+                                workload=case.workload, dtype=case.dtype, quant=case.quant,
+                                attn=case.attn, cache=case.cache or "dynamic", framework=case.framework)
+            return int(estimate(spec, workload).total_bytes)
+        except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
+            self._warn(case.model, f"no estimate for {case.model} ({exc}); its cases are not filtered")
+            return None
+
+    def skip_reason(self, estimate: int | None) -> str | None:
+        if not self.active or estimate is None or estimate <= self.ratio * self.memory_bytes:
+            return None
+        return (f"estimate {estimate / GIB:.1f} GiB > {self.ratio:g} x {self.memory_bytes / GIB:.1f} GiB")
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in {w[0] for w in self.warnings}:
+            self.warnings.append((key, message))
+            print(f"vramcal: warning: {message}", file=sys.stderr)
+
+
+def existing_records(out: Path) -> list[dict]:
+    if not out.is_file() or out.stat().st_size == 0:
+        return []
+    text = out.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return []
+    return read_records(out)
+
+
+def pending_keys(records: list[dict], retry_errors: bool) -> set[str]:
+    """Keys already measured: every status, or with `retry_errors` only cases with a non-error record."""
+    done: set[str] = set()
+    for rec in records:
+        if not retry_errors or rec["status"] != "error":
+            done.add(case_key(rec))
+    return done
+
+
+def format_bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f} GiB"
+
+
+def summary_line(case: Case, rec: dict, estimate: int | None = None) -> str:
+    """One line per measured case."""
+    status = rec["status"]
+    parts = [f"{status:<5}", case.label()]
+    if status == "ok":
+        if rec["device"] == "cuda":
+            parts.append(f"nvml {format_bytes(rec['peak_nvml_bytes'])}")
+            parts.append(f"reserved {format_bytes(rec['peak_reserved_bytes'])}")
+        parts.append(f"allocated {format_bytes(rec['peak_allocated_bytes'])}")
+        if rec.get("kv_cache_bytes") is not None:
+            parts.append(f"kv {format_bytes(rec['kv_cache_bytes'])}")
+        if estimate is not None:
+            measured = rec["peak_nvml_bytes"] if rec["device"] == "cuda" else rec["peak_allocated_bytes"]
+            if measured:
+                parts.append(f"estimate {format_bytes(estimate)} ({(estimate - measured) / measured:+.1%})")
+    else:
+        parts.append(str(rec.get("error") or "")[:160])
+    parts.append(f"{rec['duration_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def gpu_of_this_machine(device: str, dry_run: bool, records: list[dict]) -> tuple[str | None, int | None]:
+    """(gpu_name, memory_bytes) as NVML reports them for the GPU a worker would use.
+
+    A dry run on a machine without a GPU assumes the GPU of the cuda records already in the output
+    (if they name one), so it lists what a resumed run would still measure."""
+    if device != "cuda":
+        return None, None
+    from harness.nvml import gpu_info
+
+    try:
+        info = gpu_info()
+        return info.name, info.memory_bytes
+    except UserError:
+        if not dry_run:
+            raise
+    names = {r["gpu_name"] for r in records if r["device"] == "cuda" and r["gpu_name"]}
+    if len(names) == 1:
+        name = names.pop()
+        memories = {r["gpu_memory_bytes"] for r in records if r["gpu_name"] == name}
+        print(f"vramcal: no GPU visible; the dry run assumes the {name} of the existing records", file=sys.stderr)
+        return name, max(m for m in memories if m) if any(memories) else None
+    return None, None
+
+
+def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_errors=False,
+              verbose=False) -> int:
+    sweep = load_sweep(path)
+    device = device or sweep.device
+    out_path = Path(out or sweep.out or f"results/{sweep.name}.jsonl")
+    cases, left_out = expand(sweep, device)
+    records = existing_records(out_path)
+    gpu_name, memory_bytes = gpu_of_this_machine(device, dry_run, records)
+    if memory_bytes is None and device == "cuda" and sweep.gpu:
+        from estimator.gpus import find_gpu
+
+        memory_bytes = find_gpu(sweep.gpu).memory_bytes
+    if device == "cpu":
+        memory_bytes = sweep.memory_limit_bytes
+    done = pending_keys(records, retry_errors)
+    flt = EstimateFilter(memory_bytes, sweep.skip_over_estimate)
+    to_run: list[Case] = []
+    estimates: dict[Case, int | None] = {}
+    already = skipped = 0
+    for case in order(cases):
+        if case.key(gpu_name) in done:
+            already += 1
+            continue
+        estimates[case] = flt.estimate_bytes(case)
+        reason = flt.skip_reason(estimates[case])
+        if reason:
+            skipped += 1
+            if dry_run:
+                print(f"skip   {case.label()}  ({reason})")
+            continue
+        to_run.append(case)
+    if limit is not None:
+        to_run = to_run[:limit]
+    where = f"on {gpu_name}" if gpu_name else f"on {device}"
+    print(f"sweep {sweep.name} {where}: {len(cases)} cases, {already} already in {out_path}, {skipped} skipped "
+          f"by the estimate, {left_out} impossible combinations left out, {len(to_run)} to run")
+    if dry_run:
+        for case in to_run:
+            print(f"run    {case.label()}  (estimate {format_bytes(estimates.get(case))})")
+        return 0
+    if not to_run:
+        return 0
+    from tqdm import tqdm
+
+    from harness.runner import run_cases
+
+    counts = {"ok": 0, "oom": 0, "error": 0}
+    with tqdm(total=len(to_run), unit="case", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+        def on_start(case):
+            bar.set_postfix_str(case.label()[:60], refresh=True)
+
+        def on_record(case, rec):
+            counts[rec["status"]] += 1
+            bar.write(summary_line(case, rec, estimates.get(case)), file=sys.stdout)
+            bar.update(1)
+
+        run_cases(to_run, out_path, gpu_name=gpu_name, seed=sweep.seed, on_start=on_start,
+                  on_record=on_record, echo_stderr=verbose)
+    print(f"sweep {sweep.name}: {sum(counts.values())} measured ({counts['ok']} ok, {counts['oom']} oom, "
+          f"{counts['error']} error) -> {out_path}")
+    return 1 if counts["error"] else 0
