@@ -177,6 +177,10 @@ def append_record(path, rec: Mapping) -> None:
         os.close(fd)
 
 
-def done_keys(records: Iterable[Mapping]) -> set[str]:
-    """Case keys of `records` (any status): what a resumed sweep skips."""
-    return {case_key(r) for r in records}
+def latest_by_key(records: Iterable[Mapping]) -> dict[str, Mapping]:
+    """The last record of each case key, in first-seen order: a case measured again (`vramcal sweep
+    --retry-errors`) counts once, with its newest result."""
+    latest: dict[str, Mapping] = {}
+    for rec in records:
+        latest[case_key(rec)] = rec
+    return latest

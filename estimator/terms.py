@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from estimator.dtypes import dtype_bytes, normalize_dtype
 from estimator.errors import UserError
+from estimator.program import simulate
 from estimator.quant import normalize_quant
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
 
@@ -123,10 +124,10 @@ def kv_bytes_per_token(att: AttentionSpec, kv_bytes: float, framework: str) -> f
     if att.kind in ("full", "sliding"):
         return att.num_kv_heads * (att.head_dim + (att.v_head_dim or att.head_dim)) * kv_bytes
     if att.kind == "mla":
-        if framework == "vllm":  # vLLM keeps the compressed latent plus the shared rotary key
-            return (att.kv_lora_rank + att.qk_rope_head_dim) * kv_bytes
-        # transformers decompresses and caches per-head K (nope + rope) and V
-        return att.num_heads * (att.head_dim + att.v_head_dim) * kv_bytes
+        # Both keep the compressed latent plus the shared rotary key: vLLM's MLA backends, and
+        # transformers 5.x (DeepseekV2/V3Attention update the cache "while the latent KV is still
+        # compressed" and expand it with kv_b_proj on every forward).
+        return (att.kv_lora_rank + att.qk_rope_head_dim) * kv_bytes
     return 0.0
 
 
@@ -229,7 +230,9 @@ def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
     width), ``router``, ``scores_eager``/``scores_math`` (batch x heads x q x k where materialised),
     ``logits`` (positions whose logits are computed x vocab, model dtype); ``*_decode`` variants for one
     decode step. All in bytes at the activation dtype (the model's dtype; quantized models compute
-    in it too).
+    in it too). For transformers, also ``sim_allocated_bytes`` / ``sim_reserved_bytes``: the peaks of the
+    whole run replayed in the caching-allocator model (``estimator/program.py``), and
+    ``sim_peak_step`` (0: the prefill or the forward; n: the n-th decode step).
     """
     a = dtype_bytes(workload.dtype)
     if workload.quant and a < 2:  # fp8/int weights still run their activations in 16-bit
@@ -276,6 +279,10 @@ def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
         decode = step(1, workload.context)
         decode["logits"] = b * spec.vocab_size * a
         out.update({f"{k}_decode": v for k, v in decode.items()})
+    if workload.framework == "transformers":
+        # The whole run replayed in the caching-allocator model: peak allocated and reserved bytes above
+        # the weights, fragmentation included (estimator/program.py).
+        out.update(simulate(spec, workload))
     return {k: int(v) for k, v in out.items()}
 
 

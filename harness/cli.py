@@ -38,7 +38,8 @@ def register(subparsers) -> None:
         "sweep",
         help="measure every case of a sweep file (resumable: cases already in the output are skipped)",
         description="Run configs/sweeps/NAME.toml: one worker process per model, records appended as measured; "
-                    "a rerun skips cases already in the output file.",
+                    "a rerun skips cases already in the output file. Exit status 1 if a case ended in error "
+                    "(an OOM is a result, not an error).",
     )
     s.add_argument("sweep_file", metavar="SWEEP.toml")
     s.add_argument("--out", metavar="FILE.jsonl", help="record file (default: the sweep's `out`, else results/NAME.jsonl)")

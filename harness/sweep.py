@@ -194,19 +194,22 @@ def order(cases: list[Case]) -> list[Case]:
 
 
 class EstimateFilter:
-    """`estimator.estimate` of a case, to skip cases far beyond the device; None where unavailable."""
+    """`estimator.estimate` of each case, to skip cases far beyond the device's memory.
 
-    def __init__(self, memory_bytes: int | None, ratio: float):
+    On cuda the filter compares the estimate's `total_bytes` (the process's device memory, context
+    included) with the GPU's memory; on the CPU its `peak_allocated_bytes` (what the tracker measures)
+    with `memory_limit_bytes`, if the sweep sets one. A case the estimator cannot handle is measured.
+    """
+
+    def __init__(self, device: str, memory_bytes: int | None, ratio: float):
+        self.field = "total_bytes" if device == "cuda" else "peak_allocated_bytes"
         self.memory_bytes = memory_bytes
         self.ratio = ratio
-        self.warnings: list[str] = []
+        self._warned: set[str] = set()
         self._specs: dict[str, object] = {}
 
-    @property
-    def active(self) -> bool:
-        return bool(self.memory_bytes and self.ratio > 0)
-
     def estimate_bytes(self, case: Case) -> int | None:
+        """The estimate comparable with this device's measurement, or None."""
         try:
             from estimator import Workload, estimate, load_model
         except ImportError as exc:
@@ -215,23 +218,25 @@ class EstimateFilter:
         try:
             if case.source not in self._specs:
                 self._specs[case.source] = load_model(case.source)
-            spec = self._specs[case.source]
             workload = Workload(context=case.context, batch=case.batch, new_tokens=case.new_tokens,
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
                                 attn=case.attn, cache=case.cache or "dynamic", framework=case.framework)
-            return int(estimate(spec, workload).total_bytes)
+            return int(getattr(estimate(self._specs[case.source], workload), self.field))
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
-            self._warn(case.model, f"no estimate for {case.model} ({exc}); its cases are not filtered")
+            self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "
+                                   "its cases are not filtered")
             return None
 
     def skip_reason(self, estimate: int | None) -> str | None:
-        if not self.active or estimate is None or estimate <= self.ratio * self.memory_bytes:
+        if not self.memory_bytes or self.ratio <= 0 or estimate is None:
             return None
-        return (f"estimate {estimate / GIB:.1f} GiB > {self.ratio:g} x {self.memory_bytes / GIB:.1f} GiB")
+        if estimate <= self.ratio * self.memory_bytes:
+            return None
+        return f"estimate {format_bytes(estimate)} > {self.ratio:g} x {format_bytes(self.memory_bytes)}"
 
     def _warn(self, key: str, message: str) -> None:
-        if key not in {w[0] for w in self.warnings}:
-            self.warnings.append((key, message))
+        if key not in self._warned:
+            self._warned.add(key)
             print(f"vramcal: warning: {message}", file=sys.stderr)
 
 
@@ -244,7 +249,7 @@ def existing_records(out: Path) -> list[dict]:
     return read_records(out)
 
 
-def pending_keys(records: list[dict], retry_errors: bool) -> set[str]:
+def measured_keys(records: list[dict], retry_errors: bool) -> set[str]:
     """Keys already measured: every status, or with `retry_errors` only cases with a non-error record."""
     done: set[str] = set()
     for rec in records:
@@ -254,7 +259,12 @@ def pending_keys(records: list[dict], retry_errors: bool) -> set[str]:
 
 
 def format_bytes(value: int | None) -> str:
-    return "-" if value is None else f"{value / GIB:.2f} GiB"
+    """GiB (2**30) for device-sized numbers, MiB (2**20) below 1 GiB (tiny CPU test models)."""
+    if value is None:
+        return "-"
+    if abs(value) < GIB:
+        return f"{value / 2**20:.2f} MiB"
+    return f"{value / GIB:.2f} GiB"
 
 
 def summary_line(case: Case, rec: dict, estimate: int | None = None) -> str:
@@ -269,12 +279,15 @@ def summary_line(case: Case, rec: dict, estimate: int | None = None) -> str:
         if rec.get("kv_cache_bytes") is not None:
             parts.append(f"kv {format_bytes(rec['kv_cache_bytes'])}")
         if estimate is not None:
+            # the estimate compared is the one of the same quantity (see EstimateFilter)
             measured = rec["peak_nvml_bytes"] if rec["device"] == "cuda" else rec["peak_allocated_bytes"]
             if measured:
                 parts.append(f"estimate {format_bytes(estimate)} ({(estimate - measured) / measured:+.1%})")
     else:
         parts.append(str(rec.get("error") or "")[:160])
     parts.append(f"{rec['duration_s']:.1f} s")
+    if rec.get("other_processes"):
+        parts.append(f"WARNING: {rec['other_processes']} other process(es) on this GPU; nvml includes them")
     return "  ".join(parts)
 
 
@@ -316,8 +329,8 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
         memory_bytes = find_gpu(sweep.gpu).memory_bytes
     if device == "cpu":
         memory_bytes = sweep.memory_limit_bytes
-    done = pending_keys(records, retry_errors)
-    flt = EstimateFilter(memory_bytes, sweep.skip_over_estimate)
+    done = measured_keys(records, retry_errors)
+    flt = EstimateFilter(device, memory_bytes, sweep.skip_over_estimate)
     to_run: list[Case] = []
     estimates: dict[Case, int | None] = {}
     already = skipped = 0

@@ -36,6 +36,10 @@ CACHES = ("dynamic", "static")
 WORKLOADS = ("generate", "forward")
 DEVICE_RULES = ("cuda", "cpu")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# cuBLAS workspace on sm90 (CUBLAS_WORKSPACE_CONFIG default ":4096:8" = 8 x 4 MiB), allocated through the
+# caching allocator by the first matmul and held for the process: it is in every max_memory_allocated.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+WORKSPACE = "cuda_workspace"
 
 
 @dataclass(frozen=True)
@@ -224,8 +228,20 @@ def build_fake_model(config: dict, dtype: torch.dtype, attn: str, fake_mode):
     from transformers import AutoModelForCausalLM
 
     cfg = build_config(config)
-    with fake_mode:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    try:
+        with fake_mode:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    except ValueError as exc:
+        if "attention implementation" in str(exc) or "attn_implementation" in str(exc):
+            raise UserError(f"{type(cfg).__name__.removesuffix('Config')} does not support --attn {attn} in "
+                            "transformers; try --attn eager") from None
+        raise UserError(f"transformers cannot build this model: {str(exc).splitlines()[0]}") from None
+    # MoE experts: transformers' default on a GPU is grouped_mm; its eager per-expert loop has
+    # data-dependent shapes (nonzero / where on the routing), which fake tensors cannot follow.
+    if getattr(model, "_can_set_experts_implementation", lambda: False)():
+        current = model.get_experts_implementation()
+        if any(v == "eager" for v in current.values()):
+            model.set_experts_implementation({k: "grouped_mm" if v == "eager" else v for k, v in current.items()})
     return model.eval()
 
 
@@ -270,24 +286,49 @@ def _logits_category(model, tracker: StorageTracker):
 
 
 @contextlib.contextmanager
-def _static_cache_offsets(known: dict):
-    """StaticCache keeps its length in a tensor; masking code turns it into a bool. Give it the int."""
+def _mask_decisions(known: dict):
+    """Give transformers' mask code the answers it would compute from data on a real device.
+
+    Two checks read tensor values, which fake tensors do not have, so transformers treats fake tensors
+    as "tracing" and always builds a 4D mask, which a real run does not:
+    - `find_packed_sequence_indices` (forward without cache): our position ids are one plain range per
+      row, never packed sequences, so the answer is None;
+    - `_ignore_causal_mask_sdpa` with a StaticCache, whose length is a tensor: we know the int.
+    """
     from transformers import masking_utils
 
-    original = masking_utils._ignore_causal_mask_sdpa
+    original_ignore = masking_utils._ignore_causal_mask_sdpa
+    original_packed = masking_utils.find_packed_sequence_indices
 
     def ignore(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
         if isinstance(q_offset, torch.Tensor):
             q_offset = known["past"]
         if isinstance(kv_offset, torch.Tensor):
             kv_offset = 0
-        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+        return original_ignore(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
 
     masking_utils._ignore_causal_mask_sdpa = ignore
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
-        masking_utils._ignore_causal_mask_sdpa = original
+        masking_utils._ignore_causal_mask_sdpa = original_ignore
+        masking_utils.find_packed_sequence_indices = original_packed
+
+
+@contextlib.contextmanager
+def _grouped_mm_bf16_only():
+    """torch's grouped_mm meta kernel accepts bf16 only; other dtypes take transformers' own fallback op
+    (`transformers::grouped_mm_fallback`, which has a fake kernel). Both allocate just the (S, out) output."""
+    from transformers.integrations import moe
+
+    original = moe._can_use_grouped_mm
+    moe._can_use_grouped_mm = lambda input, weight, offs: weight.dtype == torch.bfloat16 and original(
+        input, weight, offs)
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = original
 
 
 @contextlib.contextmanager
@@ -308,13 +349,15 @@ def _experts_implementation(model, name: str | None):
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-def _generate(model, tracker, batch, prompt, new_tokens, cache_kind, vocab, eos, decode_experts, known):
+def _generate(model, tracker, batch, prompt, new_tokens, cache_kind, max_cache_len, decode_experts, known):
     """Prefill + decode steps, keeping the same tensors alive as `GenerationMixin._sample` does."""
     from transformers import DynamicCache, StaticCache
 
     text_config = model.config.get_text_config(decoder=True)
+    vocab = text_config.vocab_size
+    eos = getattr(model.generation_config, "eos_token_id", None)
     if cache_kind == "static":
-        cache = StaticCache(config=text_config, max_cache_len=prompt + new_tokens - 1)
+        cache = StaticCache(config=text_config, max_cache_len=max_cache_len)
     else:
         cache = DynamicCache(config=text_config)
     input_ids = torch.zeros((batch, prompt), dtype=torch.long)
@@ -338,8 +381,9 @@ def _generate(model, tracker, batch, prompt, new_tokens, cache_kind, vocab, eos,
                 position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=-1)
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
                 with tracker.category(LOGITS):
+                    # the previous step's logits and scores are still referenced here, as in _sample
                     next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
-                    next_token_scores = _min_new_tokens_processor(next_token_logits, vocab, eos, step, new_tokens)
+                    next_token_scores = _min_new_tokens_processor(next_token_logits, vocab, eos)
                 next_tokens = torch.argmax(next_token_scores, dim=-1)
                 if eos is not None:  # has_eos_stopping_criteria; pad_token_id taken as 0
                     next_tokens = next_tokens * unfinished + 0 * (1 - unfinished)
@@ -348,15 +392,59 @@ def _generate(model, tracker, batch, prompt, new_tokens, cache_kind, vocab, eos,
     return cache
 
 
-def _min_new_tokens_processor(scores, vocab, eos, step, new_tokens):
-    """MinNewTokensLengthLogitsProcessor (active with min_new_tokens and an eos token): a masked copy."""
-    if eos is None or step >= new_tokens:
+def _min_new_tokens_processor(scores, vocab, eos):
+    """MinNewTokensLengthLogitsProcessor (min_new_tokens = new_tokens, with an eos token): a masked copy."""
+    if eos is None:
         return scores
     vocab_tensor = torch.arange(vocab)
     eos_mask = torch.isin(vocab_tensor, torch.tensor(eos if isinstance(eos, list) else [eos]))
     processed = scores.clone()
     processed = torch.where(eos_mask, -math.inf, scores)
     return processed
+
+
+def trace_model(
+    model,
+    *,
+    workload: str = "generate",
+    batch: int = 1,
+    prompt: int = 1008,
+    new_tokens: int = 16,
+    cache: str = "dynamic",
+    max_cache_len: int | None = None,
+    device_rules: str = "cuda",
+    tracker: StorageTracker | None = None,
+) -> tuple[StorageTracker, dict]:
+    """Run one workload on an already-built model (fake or real tensors) under a `StorageTracker`.
+
+    The caller enters `FakeTensorMode` for a fake model. Returns the tracker (peak, phase, breakdown)
+    and facts about the run: `kv_cache_bytes` held at the end, `sdpa_backends` used.
+    """
+    tracker = tracker or StorageTracker()
+    with tracker.phase("load"):
+        tracker.track_existing(model, WEIGHTS)
+        workspace = None  # held to the end, like the process-wide cuBLAS workspace
+        if device_rules == "cuda":
+            with tracker, tracker.category(WORKSPACE):
+                workspace = torch.empty(CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8)
+    attention = CudaAttention() if device_rules == "cuda" else contextlib.nullcontext()
+    decode_experts = "batched_mm" if device_rules == "cuda" else None
+    known = {"past": 0}
+    with torch.no_grad(), tracker, attention, _logits_category(model, tracker), _mask_decisions(known), \
+            _grouped_mm_bf16_only():
+        if workload == "forward":
+            input_ids = torch.zeros((batch, prompt), dtype=torch.long)
+            with tracker.phase("forward"):
+                out = model(input_ids, use_cache=False)
+            del out, input_ids
+            kv_cache_bytes = 0
+        else:
+            kv = _generate(model, tracker, batch, prompt, new_tokens, cache,
+                           max_cache_len or prompt + new_tokens - 1, decode_experts, known)
+            kv_cache_bytes = tracker.breakdown().get(KV_CACHE, 0)
+            del kv
+    del workspace
+    return tracker, {"kv_cache_bytes": kv_cache_bytes, "sdpa_backends": dict(getattr(attention, "calls", {}))}
 
 
 def trace(
@@ -370,8 +458,10 @@ def trace(
     batch: int = 1,
     new_tokens: int = 16,
     device_rules: str = "cuda",
+    max_cache_len: int | None = None,
 ) -> TraceResult:
-    """Trace one case. `context` is prompt + new tokens (generate) or the sequence length (forward)."""
+    """Trace one case from a config dict. `context` is prompt + new tokens (generate) or the sequence
+    length (forward); `max_cache_len` (static cache) defaults to generate's `max_length - 1`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _check_choice("attn", attn, ATTN_IMPLEMENTATIONS)
@@ -388,40 +478,24 @@ def trace(
     prompt = context - new_tokens
     if batch < 1 or prompt < 1:
         raise UserError(f"need batch >= 1 and context > new tokens; got batch {batch}, context {context}")
+    if max_cache_len is not None and max_cache_len < context - 1:
+        raise UserError(f"--max-cache-len {max_cache_len} cannot hold context - 1 = {context - 1} tokens")
 
     started = time.perf_counter()
     fake_mode = FakeTensorMode()
     model = build_fake_model(config, torch_dtype, attn, fake_mode)
-    tracker = StorageTracker()
-    with tracker.phase("load"):
-        tracker.track_existing(model, WEIGHTS)
-    weights_bytes = sum(s.nbytes() for s in {id(t.untyped_storage()): t.untyped_storage()
-                                             for t in (*model.parameters(), *model.buffers())}.values())
-    text = model.config.get_text_config(decoder=True)
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    attention = CudaAttention() if device_rules == "cuda" else contextlib.nullcontext()
-    decode_experts = "batched_mm" if device_rules == "cuda" else None
-    known = {"past": 0}
-    with torch.no_grad(), fake_mode, tracker, attention, _logits_category(model, tracker), \
-            _static_cache_offsets(known):
-        if workload == "forward":
-            input_ids = torch.zeros((batch, prompt), dtype=torch.long)
-            with tracker.phase("forward"):
-                out = model(input_ids, use_cache=False)
-            del out, input_ids
-            kv_cache_bytes = 0
-        else:
-            kv = _generate(model, tracker, batch, prompt, new_tokens, cache, text.vocab_size, eos,
-                           decode_experts, known)
-            kv_cache_bytes = tracker.breakdown().get(KV_CACHE, 0)
-            del kv
-    breakdown = {c: tracker.peak_breakdown.get(c, 0) for c in (WEIGHTS, KV_CACHE, ACTIVATIONS, LOGITS)}
+    with fake_mode:
+        tracker, facts = trace_model(model, workload=workload, batch=batch, prompt=prompt,
+                                     new_tokens=new_tokens, cache=cache, max_cache_len=max_cache_len,
+                                     device_rules=device_rules)
+    storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in (*model.parameters(), *model.buffers())}
+    categories = (WEIGHTS, KV_CACHE, ACTIVATIONS, LOGITS) + ((WORKSPACE,) if device_rules == "cuda" else ())
     return TraceResult(
         peak_allocated_bytes=tracker.peak_bytes,
         peak_phase=tracker.peak_phase,
-        breakdown=breakdown,
-        weights_bytes=weights_bytes,
-        kv_cache_bytes=kv_cache_bytes,
+        breakdown={c: tracker.peak_breakdown.get(c, 0) for c in categories},
+        weights_bytes=sum(s.nbytes() for s in storages.values()),
+        kv_cache_bytes=facts["kv_cache_bytes"],
         model_type=str(config.get("model_type")),
         dtype=str(torch_dtype).removeprefix("torch."),
         attn=attn,
@@ -432,7 +506,7 @@ def trace(
         prompt_tokens=prompt,
         new_tokens=new_tokens,
         device_rules=device_rules,
-        sdpa_backends=dict(getattr(attention, "calls", {})),
+        sdpa_backends=facts["sdpa_backends"],
         duration_s=round(time.perf_counter() - started, 3),
     )
 

@@ -45,6 +45,20 @@ MEMORY_ENV = (
 )
 
 
+# Errors after which a CUDA context cannot be trusted (sticky errors): the worker stops, a new one goes on.
+CUDA_FATAL = ("CUDA error", "illegal memory access", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a library reporting the same from inside a kernel call."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split()) or "(no message)"
     text = f"{type(exc).__name__}: {text}"
@@ -97,9 +111,9 @@ class Session:
                     raise UserError(message)
                 print(f"vramcal: warning: {message}", file=sys.stderr)  # one board: a MIG or naming quirk
             a = torch.ones(256, 256, dtype=torch.bfloat16, device="cuda")
-            (a @ a).sum().item()
-            del a
+            _ = a @ a  # loads cuBLAS and its workspace, as every later case will have them
             torch.cuda.synchronize()
+            del a, _
             torch.cuda.empty_cache()
             self.context_bytes = self.nv.used_bytes() - self.baseline_bytes
         self.env = {
@@ -125,6 +139,7 @@ class Session:
         self._config = None
         self._failed_builds: dict[tuple, tuple[str, str]] = {}
         self._limited = False
+        self.broken = False
 
     # ---- the model ---------------------------------------------------------------------------
     def _free_model(self) -> None:
@@ -154,7 +169,6 @@ class Session:
         return base_record(case, self.env, seed=self.seed, config=case.read_config())
 
     def run_case(self, case: Case) -> dict:
-        torch = self.torch
         rec = self.base_record(case)
         if case.alloc_conf != self.env["alloc_conf"] and self.device == "cuda":
             rec.update(status="error", error=f"this process runs with alloc_conf {self.env['alloc_conf']!r}, "
@@ -164,15 +178,15 @@ class Session:
         if failed:
             rec.update(status=failed[0], error=failed[1])
             return rec
+        failure = None
         try:
             model = self._model_for(case)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be built is data too
-            status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "error"
-            message = "building the model: " + one_line(exc)
-            self._failed_builds[(case.source, case.build_group())] = (status, message)
-            del exc
+            failure = ("oom" if is_oom(exc) else "error", "building the model: " + one_line(exc))
+        if failure:  # outside the except block: its traceback no longer holds half-built weights
+            self._failed_builds[(case.source, case.build_group())] = failure
             self._free_model()
-            rec.update(status=status, error=message)
+            rec.update(status=failure[0], error=failure[1])
             return rec
         rec["config"] = self._config
         rec["weights_bytes"] = self._weights_bytes
@@ -186,7 +200,9 @@ class Session:
         return rec
 
     def _run(self, case, model):
-        """Runs the workload; returns (run, status, error, seconds). `run` holds the outputs alive."""
+        """Runs the workload; returns (run, status, error, seconds). `run` holds the outputs alive.
+
+        The exception (and the frames holding the case's tensors) is dropped before returning."""
         torch = self.torch
         start = time.perf_counter()
         try:
@@ -194,10 +210,11 @@ class Session:
             if self.device == "cuda":
                 torch.cuda.synchronize()
             return run, "ok", None, time.perf_counter() - start
-        except torch.OutOfMemoryError as exc:
-            return None, "oom", one_line(exc), time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
-            return None, "error", one_line(exc), time.perf_counter() - start
+            status = "oom" if is_oom(exc) else "error"
+            if status == "error" and any(s in str(exc) for s in CUDA_FATAL):
+                self.broken = True  # the CUDA context is unusable: this worker must not measure again
+            return None, status, one_line(exc), time.perf_counter() - start
 
     def _measure_cuda(self, case: Case, model) -> dict:
         from harness.nvml import Poller
@@ -226,7 +243,7 @@ class Session:
             "cache_class": run.cache_class if run else None,
             "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
             "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
-            "peak_nvml_bytes": int(max(poller.peak_bytes, final_used) - self.baseline_bytes),
+            "peak_nvml_bytes": max(0, int(max(poller.peak_bytes, final_used) - self.baseline_bytes)),
             "duration_s": round(seconds, 3),
             "num_alloc_retries": int(torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before),
             "nvml_samples": poller.samples,
@@ -386,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         if crash_key and crash_key in key:
             os._exit(3)
         send({"event": "record", "record": session.run_case(case)})
+        if session.broken:  # the parent starts a fresh worker for the cases left
+            return 4
     session.close()
     send({"event": "done"})
     return 0
