@@ -1,6 +1,15 @@
 """The estimate: exact terms (``estimator/terms.py``) combined by coefficients into the peak.
 
-The model of a peak, in bytes::
+For transformers, the terms include the run replayed in the caching-allocator model
+(``estimator/program.py``): ``sim_allocated`` and ``sim_reserved`` are the peaks above the weights of
+``max_memory_allocated`` and ``max_memory_reserved``. The model of the peak, in bytes::
+
+    allocated   = weights + sim_allocated_factor x sim_allocated + workspace_bytes
+    reserve     = sim_reserve_factor x (sim_reserved - sim_allocated)     (allocator fragmentation)
+    overhead    = overhead_bytes + reserve                          (CUDA context + allocator reserve)
+    total       = allocated + overhead                              (the process's NVML peak)
+
+Without a simulated program (vLLM), the analytic formula::
 
     kv          = kv_factor x KV cache held at that moment
     layer_ws    = act_hidden x hidden + act_qkv x qkv + act_mlp x mlp + act_moe x moe
@@ -46,6 +55,19 @@ def _working_set(f: Mapping[str, float], c: Mapping[str, float], suffix: str = "
 
 def predict_parts(weights: float, f: Mapping[str, float], c: Mapping[str, float]) -> dict[str, float]:
     """Peak parts from exact features ``f`` and coefficient values ``c`` (plain floats, no rounding)."""
+    if "sim_allocated_bytes" in f:
+        dynamic = c["sim_allocated_factor"] * f["sim_allocated_bytes"] + c["workspace_bytes"]
+        allocated = weights + dynamic
+        reserve = c["sim_reserve_factor"] * max(f["sim_reserved_bytes"] - f["sim_allocated_bytes"], 0)
+        overhead = c["overhead_bytes"] + reserve
+        return {
+            "phase": "decode" if f.get("sim_peak_step", 0) > 0 else "prefill",
+            "dynamic": dynamic,
+            "allocated": allocated,
+            "reserved": allocated + reserve,
+            "overhead": overhead,
+            "total": allocated + overhead,
+        }
     kv_factor = c["kv_factor"]
     prefill = kv_factor * f.get("kv_prefill_bytes", 0) + _working_set(f, c)
     phases = {"prefill": prefill}

@@ -67,6 +67,7 @@ class Layout:
     learned_positions: bool = False  # GPT-2: wpe(position_ids) added to the embeddings
     sdpa: bool = True  # False: transformers has no sdpa path (gpt-oss, with sinks): eager
     eager_fp32_softmax: bool = True  # False: GPT-2's eager softmax stays in the model's dtype
+    router_fp32: bool = False  # DeepSeek: the router runs on an fp32 copy of the hidden states
     sinks: bool = False  # gpt-oss: one sink logit per head concatenated to the scores
 
 
@@ -78,6 +79,8 @@ LAYOUTS: dict[str, Layout] = {
                      embed_scale=True),
     "gemma3_text": Layout(norm="rms_gemma", sandwich_norms=True, embed_scale=True),
     "gpt_oss": Layout(sdpa=False, sinks=True),
+    "deepseek_v2": Layout(rope="complex", router_fp32=True),
+    "deepseek_v3": Layout(router_fp32=True),
 }
 DEFAULT_LAYOUT = Layout()
 # Families whose transformers code this module follows; others get the Llama layout (an approximation).
@@ -120,6 +123,7 @@ class _Run:
         self.attn = workload.attn
         if not self.lay.sdpa and self.attn == "sdpa":
             self.attn = "eager"
+        self.decoding = False  # generate's decode steps (MoE switches to batched_mm)
         self.cache: dict[int, list] = {}  # layer index -> cache tensors [k, v] (or latent, rope)
         self.cfg = spec.config or {}
 
@@ -155,6 +159,12 @@ class _Run:
     def rope(self, n: int):
         """``x * cos + rotate_half(x) * sin`` over ``n`` elements; the caller frees ``x``."""
         t, a = self.t, self.a
+        if self.lay.rope == "complex":  # DeepSeek-V2: view_as_complex(x.float()) * freqs, type_as(x)
+            x32 = t.new(n * 4)
+            prod = t.new(n * 4)
+            out = t.new(n * a)
+            t.free(prod, x32)
+            return out
         xc = t.new(n * a)
         neg = t.new(n * a / 2)
         cat = t.new(n * a)
@@ -397,14 +407,13 @@ class _Run:
             kvn = kr = None
         else:
             total = q_len
-        qs = t.new(T * nh * qk * a)  # cat(q_pass, q_rot)
-        t.free(q, qr)
+        qs = t.new(T * nh * qk * a)  # cat(q_pass, q_rot); q and q_rot stay referenced until the return
         kv_tokens = b * total
         kvb = t.new(kv_tokens * nh * (nope + dv) * a)  # kv_b_proj over the whole cache
         keys = t.new(kv_tokens * nh * qk * a)  # new_empty + copy_ of k_nope and k_rot
         out, w = self.core_attention(AttentionSpec("full", nh, nh, qk, dv), q_len, total, qs, masks)
         y = t.new(T * self.spec.hidden_size * a)
-        t.free(out, qs, keys, kvb, ckv, kvn, kr, x)
+        t.free(out, qs, q, qr, keys, kvb, ckv, kvn, kr, x)
         return y, w
 
     def linear_mixer(self, i: int, att: AttentionSpec, q_len: int, x):
@@ -438,7 +447,7 @@ class _Run:
             t.free(x)
             return t.new(T * H * a)
         if m.kind == "moe":
-            y = self.moe(m, T)
+            y = self.moe_batched(m, T) if self.decoding else self.moe(m, T)
             if m.shared_intermediate_size:
                 s = self.dense(m.shared_intermediate_size, True, T)
                 y2 = t.new(T * H * a)
@@ -478,17 +487,57 @@ class _Run:
         t.free(m)
         return y
 
-    def moe(self, m, T: int):
-        """Router + ``grouped_mm_experts_forward`` (transformers' default experts implementation)."""
+    def moe_batched(self, m, T: int):
+        """``batched_mm_experts_forward``: generate switches to it for the decode steps on a GPU
+        (``_optimize_model_for_decode``); it gathers each routed token's expert weights."""
         t, a = self.t, self.a
         H, E, k, n = self.spec.hidden_size, m.num_experts, m.top_k, m.intermediate_size
-        R = T * k  # routed rows
-        logits = t.new(T * E * a)
+        R = T * k
+        routing = self.router(m, T)
+        hs = t.new(R * H * a)  # repeat_interleave
+        ids = t.new(R * 8)  # clamp
+        w_up = t.new(R * 2 * n * H * a)  # gate_up_proj[expert_ids]
+        p = t.new(R * 2 * n * a)
+        g = self.act(R * n, p)
+        mm = t.new(R * n * a)
+        t.free(g, p)
+        w_down = t.new(R * H * n * a)  # down_proj[expert_ids], made before the gathered gate_up goes
+        t.free(w_up)
+        d = t.new(R * H * a)
+        t.free(mm)
+        wa = 4 if self.lay.router_fp32 else a
+        wo = t.new(R * H * wa)
+        y = t.new(T * H * wa)
+        if wa != a:
+            y2 = t.new(T * H * a)
+            t.free(y)
+            y = y2
+        t.free(wo, d, w_down, ids, hs, *routing)
+        return y
+
+    def router(self, m, T: int) -> list:
+        """The top-k router; returns the blocks it leaves alive (logits, weights, indices)."""
+        t, a = self.t, self.a
+        H, E, k = self.spec.hidden_size, m.num_experts, m.top_k
+        if self.lay.router_fp32:
+            h32 = t.new(T * H * 4)
+            logits = t.new(T * E * 4)
+            t.free(h32)
+        else:
+            logits = t.new(T * E * a)
         probs = t.new(T * E * 4)
         top_v = t.new(T * k * 4)
         top_i = t.new(T * k * 8)
         top_va = t.new(T * k * a)
         t.free(top_v, probs)
+        return [logits, top_va, top_i]
+
+    def moe(self, m, T: int):
+        """Router + ``grouped_mm_experts_forward`` (transformers' default experts implementation)."""
+        t, a = self.t, self.a
+        H, E, k, n = self.spec.hidden_size, m.num_experts, m.top_k, m.intermediate_size
+        R = T * k  # routed rows
+        routing = self.router(m, T)
         ids = t.new(R * 8)
         perm = t.new(R * 8)
         pk = t.new(R * 8)
@@ -506,15 +555,19 @@ class _Run:
         t.free(mm)
         d2 = t.new(R * H * a)
         t.free(d1)
-        wo = t.new(R * H * a)  # * routing weights
-        t.free(d2)
+        wa = 4 if self.lay.router_fp32 else a  # fp32 routing weights promote the product to fp32
+        wo = t.new(R * H * wa)  # * routing weights (proj_out stays referenced until the return)
         inv = t.new(R * 8)
         ar = t.new(R * 8)
         t.free(ar)
-        wo2 = t.new(R * H * a)  # weighted_out[inv_perm]
+        wo2 = t.new(R * H * wa)  # weighted_out[inv_perm]
         t.free(wo)
-        y = t.new(T * H * a)  # view(T, k, H).sum(1)
-        t.free(wo2, hg, swg, sentinel, inv, ids, perm, logits, top_va, top_i)
+        y = t.new(T * H * wa)  # view(T, k, H).sum(1)
+        if wa != a:
+            y2 = t.new(T * H * a)  # .to(hidden_states.dtype)
+            t.free(y)
+            y = y2
+        t.free(wo2, d2, hg, swg, sentinel, inv, ids, perm, *routing)
         return y
 
     def make_masks(self, q_len: int, kv: int) -> dict:
@@ -646,6 +699,7 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES) -> d
         prev_logits32 = prev_scores = None
         for step in range(max(workload.new_tokens, 1)):
             q_len = prompt if step == 0 else 1
+            run.decoding = step > 0
             before = alloc.peak_allocated
             logits = run.forward(q_len, past, 1, use_cache=True, static_len=static)
             past += q_len

@@ -62,14 +62,15 @@ def test_gemma2_only_global_layers_grow():
     assert long - short < short
 
 
-def test_mla_cache_depends_on_framework():
+def test_mla_caches_the_compressed_latent():
+    # transformers 5.x DeepseekV2Attention/DeepseekV3Attention update the cache "while the latent KV is
+    # still compressed" (kv_lora_rank + qk_rope_head_dim per token, one head) and expand it with
+    # kv_b_proj on every forward, as vLLM's MLA backends store it.
     spec = load_model("deepseek-v2-lite")
     tf = kv_cache_bytes(spec, Workload(context=1024))
     vllm = kv_cache_bytes(spec, Workload(context=1024, framework="vllm"))
     att = spec.layers[0].attention
-    assert tf == len(spec.layers) * 1024 * att.num_heads * (att.head_dim + att.v_head_dim) * 2
-    assert vllm == len(spec.layers) * 1024 * (att.kv_lora_rank + att.qk_rope_head_dim) * 2
-    assert vllm < tf
+    assert tf == vllm == len(spec.layers) * 1024 * (att.kv_lora_rank + att.qk_rope_head_dim) * 2
 
 
 def test_static_cache_is_preallocated():

@@ -85,7 +85,8 @@ def test_default_cases_cover_every_model_and_kind():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _all, reason="reference records not found")
-@pytest.mark.skipif(not os.environ.get("VRAMCAL_TRACE_ALL"), reason="all 71 records take ~6 min; set VRAMCAL_TRACE_ALL=1")
+@pytest.mark.skipif(not os.environ.get("VRAMCAL_TRACE_ALL"),
+                    reason="all 71 records take ~6 min; set VRAMCAL_TRACE_ALL=1")
 @pytest.mark.parametrize("record", _all, ids=_key)
 def test_every_reference_record_within_3_percent(record):
     _assert_close(record, _trace_record(record))
