@@ -48,7 +48,10 @@ def figures(rows, out: Path) -> list[str]:
 
     # 1. predicted vs measured
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    lo, hi = measured.min() * 0.6, max(measured.max(), rows["pred_total_bytes"].max() / GIB) * 1.6
+    shown = [rows[c] / GIB for c in ("pred_total_bytes", "lomo_total_bytes", "seed_total_bytes",
+                                      "times12_total_bytes") if c in rows]
+    lo = min([measured.min()] + [v.min() for v in shown]) * 0.8
+    hi = max([measured.max()] + [v.max() for v in shown]) * 1.25
     xs = np.geomspace(lo, hi, 50)
     ax.fill_between(xs, xs * 0.95, xs * 1.05, color="0.85", label="+-5%")
     ax.plot(xs, xs, color="0.3", lw=0.8, label="y = x")
@@ -64,6 +67,7 @@ def figures(rows, out: Path) -> list[str]:
                    edgecolors="0.6", label="weights x 1.2", zorder=2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _gib_ticks(ax, lo, hi)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured peak, NVML (GiB)")
@@ -95,7 +99,7 @@ def figures(rows, out: Path) -> list[str]:
     written.append("error_by_model.png")
 
     # 3. error by context
-    fig, ax = plt.subplots(figsize=(5.2, 3.0))
+    fig, ax = plt.subplots(figsize=(6.8, 3.0))
     markers = {"generate": "o", "forward": "s"}
     for m in models:
         for wl, mk in markers.items():
@@ -107,10 +111,13 @@ def figures(rows, out: Path) -> list[str]:
         ax.axhline(y, color="0.5", lw=0.7, ls=style)
     ax.axhline(0, color="0.3", lw=0.7)
     ax.set_xscale("log", base=2)
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("context, tokens per sequence")
     ax.set_ylabel("error (%)")
     ax.set_title("held-out error by context")
-    ax.legend(loc="best", frameon=False, ncol=2, fontsize=6)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "error_by_context.png", dpi=DPI)
     plt.close(fig)
@@ -133,9 +140,8 @@ def figures(rows, out: Path) -> list[str]:
     ax.scatter(x, r["peak_allocated_bytes"] / GIB, s=6, color="k", marker="_", label="measured allocated", zorder=3)
     ax.scatter(x, r["peak_reserved_bytes"] / GIB, s=6, color="k", marker="x", label="measured reserved", zorder=3)
     ax.scatter(x, r["peak_nvml_bytes"] / GIB, s=6, color="r", marker="o", label="measured NVML", zorder=3)
-    ax.set_yscale("log")
     ax.set_xlabel("records, by measured peak")
-    ax.set_ylabel("GiB (log)")
+    ax.set_ylabel("GiB")
     ax.set_xticks([])
     ax.set_title("predicted terms (bars) and measured peaks (markers)")
     ax.legend(loc="upper left", frameon=False, fontsize=6, ncol=2)
@@ -144,6 +150,17 @@ def figures(rows, out: Path) -> list[str]:
     plt.close(fig)
     written.append("breakdown.png")
     return written
+
+
+def _gib_ticks(ax, lo: float, hi: float) -> None:
+    """Plain GiB labels (1, 2, 5, 10, 20, 50, ...) on both log axes."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ticks = [m * 10**e for e in range(-2, 4) for m in (1, 2, 5) if lo <= m * 10**e <= hi]
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
 
 
 def _table(headers: list[str], rows: list[list]) -> tuple[str, str]:

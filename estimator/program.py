@@ -58,7 +58,8 @@ class Layout:
     norm: str = "rms"  # "rms" (Llama), "rms_gemma" (fp32 product, cast last), "layer" (LayerNorm kernel)
     fused_qkv: bool = False  # one qkv projection (Phi-3, GPT-2); q, k, v are views of it
     fused_gate_up: bool = False  # Phi-3: gate_up_proj, chunked
-    rope: str = "half"  # "half": rotate_half; "half_cat": Phi-3's extra cat; "none": learned positions
+    rope: str = "half"  # "half": rotate_half; "half_cat": Phi-3's extra cat; "split": gpt-oss's halves and
+    # cat; "complex": DeepSeek-V2's complex product; "none": learned positions
     act: str = "kernel"  # "kernel": one tensor (silu, gelu); "gelu_new": GPT-2's Python formula
     sandwich_norms: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too
     attn_softcap: bool = False  # Gemma 2 eager: scores / cap, tanh, * cap
@@ -68,6 +69,8 @@ class Layout:
     sdpa: bool = True  # False: transformers has no sdpa path (gpt-oss, with sinks): eager
     eager_fp32_softmax: bool = True  # False: GPT-2's eager softmax stays in the model's dtype
     router_fp32: bool = False  # DeepSeek: the router runs on an fp32 copy of the hidden states
+    expert_glu: str = "act"  # "act": act(gate) * up; "gpt_oss": clamped gate/up, gate * sigmoid(1.702 gate) * (up + 1)
+    expert_bias: bool = False  # gpt-oss: per-expert biases gathered for the routed rows
     sinks: bool = False  # gpt-oss: one sink logit per head concatenated to the scores
 
 
@@ -78,13 +81,12 @@ LAYOUTS: dict[str, Layout] = {
     "gemma2": Layout(norm="rms_gemma", sandwich_norms=True, attn_softcap=True, final_softcap=True,
                      embed_scale=True),
     "gemma3_text": Layout(norm="rms_gemma", sandwich_norms=True, embed_scale=True),
-    "gpt_oss": Layout(sdpa=False, sinks=True),
+    "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, sinks=True, expert_glu="gpt_oss",
+                      expert_bias=True),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),
 }
-DEFAULT_LAYOUT = Layout()
-# Families whose transformers code this module follows; others get the Llama layout (an approximation).
-SIMULATED_ATTENTION = ("full", "sliding", "mla", "linear")
+DEFAULT_LAYOUT = Layout()  # every other family follows Llama's code (qwen2/3, mistral, mixtral, olmoe...)
 MIN_TRACKED_BYTES = SMALL_SIZE + 1
 
 
@@ -124,6 +126,7 @@ class _Run:
         if not self.lay.sdpa and self.attn == "sdpa":
             self.attn = "eager"
         self.decoding = False  # generate's decode steps (MoE switches to batched_mm)
+        self.static_decode = False
         self.cache: dict[int, list] = {}  # layer index -> cache tensors [k, v] (or latent, rope)
         self.cfg = spec.config or {}
 
@@ -159,6 +162,17 @@ class _Run:
     def rope(self, n: int):
         """``x * cos + rotate_half(x) * sin`` over ``n`` elements; the caller frees ``x``."""
         t, a = self.t, self.a
+        if self.lay.rope == "split":  # gpt-oss: cat((x1 cos - x2 sin, x2 cos + x1 sin), -1)
+            halves = []
+            for _ in range(2):
+                p1 = t.new(n * a / 2)
+                p2 = t.new(n * a / 2)
+                h = t.new(n * a / 2)
+                t.free(p1, p2)
+                halves.append(h)
+            out = t.new(n * a)
+            t.free(*halves)
+            return out
         if self.lay.rope == "complex":  # DeepSeek-V2: view_as_complex(x.float()) * freqs, type_as(x)
             x32 = t.new(n * 4)
             prod = t.new(n * 4)
@@ -297,7 +311,9 @@ class _Run:
             t.free(lse)
             return out, None
         gqa = nkv < nh
-        mask = windowed  # sdpa gets a boolean sliding-window mask once the window is full
+        # sdpa gets a boolean mask for sliding layers once the window is full, and for a static cache's
+        # decode steps (the padding of the pre-allocated positions); with a mask, GQA repeats K/V
+        mask = windowed or (self.static_decode and kv_len > q_len)
         if a < 4 and not mask and d <= 256 and d == dv:  # flash
             out = t.new(out_bytes)
             lse = t.new(b * nh * q_len * 4)
@@ -362,11 +378,14 @@ class _Run:
                 s2 = s3
         s3 = t.new(S)  # + mask
         t.free(s2)
-        if self.lay.sinks:
-            s4 = t.new(S + b * nh * q_len * a)  # cat(scores, sinks)
-            t.free(s3)
-            s3 = s4
-        if a < 4 and self.lay.eager_fp32_softmax:
+        if self.lay.sinks:  # gpt-oss: cat(scores, sinks), minus the row max, softmax in the model dtype
+            wide = S + b * nh * q_len * a
+            cat = t.new(wide)
+            centred = t.new(wide)
+            t.free(cat)
+            w = t.new(wide)  # probs[..., :-1] is a view: the whole storage stays
+            t.free(centred, s3)
+        elif a < 4 and self.lay.eager_fp32_softmax:
             f_in = t.new(S * 4 / a)  # softmax(dtype=float32) casts its input first
             f = t.new(S * 4 / a)
             t.free(f_in)
@@ -498,9 +517,8 @@ class _Run:
         ids = t.new(R * 8)  # clamp
         w_up = t.new(R * 2 * n * H * a)  # gate_up_proj[expert_ids]
         p = t.new(R * 2 * n * a)
-        g = self.act(R * n, p)
-        mm = t.new(R * n * a)
-        t.free(g, p)
+        mm = self.glu(R * n, p)
+        t.free(p)
         w_down = t.new(R * H * n * a)  # down_proj[expert_ids], made before the gathered gate_up goes
         t.free(w_up)
         d = t.new(R * H * a)
@@ -514,6 +532,26 @@ class _Run:
             y = y2
         t.free(wo, d, w_down, ids, hs, *routing)
         return y
+
+    def glu(self, n: int, gate_up):
+        """The experts' gating of the (rows, 2 x width) projection; returns the (rows, width) product."""
+        t, a = self.t, self.a
+        if self.lay.expert_glu == "gpt_oss":
+            g = t.new(n * a)  # gate.clamp(max=limit)
+            u = t.new(n * a)  # up.clamp(-limit, limit)
+            ga = t.new(n * a)
+            sg = t.new(n * a)  # sigmoid(gate * alpha)
+            t.free(ga)
+            glu = t.new(n * a)
+            t.free(sg)
+            u1 = t.new(n * a)  # up + 1
+            out = t.new(n * a)
+            t.free(u1, glu, g, u)
+            return out
+        g = self.act(n, gate_up)
+        out = t.new(n * a)
+        t.free(g)
+        return out
 
     def router(self, m, T: int) -> list:
         """The top-k router; returns the blocks it leaves alive (logits, weights, indices)."""
@@ -545,16 +583,17 @@ class _Run:
         t.free(pk)
         swg = t.new(R * a)
         sentinel = t.new(R)
+        bias = t.new(R * 2 * n * a) if self.lay.expert_bias else None  # gate_up_proj_bias[expert_ids]
         p1 = t.new(R * 2 * n * a)
         p2 = t.new(R * 2 * n * a)  # masked_fill (out of place)
         t.free(p1)
-        g = self.act(R * n, p2)
-        mm = t.new(R * n * a)
-        t.free(g, p2)
+        mm = self.glu(R * n, p2)
+        t.free(p2, bias)
+        bias = t.new(R * H * a) if self.lay.expert_bias else None
         d1 = t.new(R * H * a)
         t.free(mm)
         d2 = t.new(R * H * a)
-        t.free(d1)
+        t.free(d1, bias)
         wa = 4 if self.lay.router_fp32 else a  # fp32 routing weights promote the product to fp32
         wo = t.new(R * H * wa)  # * routing weights (proj_out stays referenced until the return)
         inv = t.new(R * 8)
@@ -569,6 +608,36 @@ class _Run:
             y = y2
         t.free(wo2, d2, hg, swg, sentinel, inv, ids, perm, *routing)
         return y
+
+    def _small_decode(self) -> bool:
+        """True when a decode step's only tensors above the tracked size are the cache's and the logits':
+        flash-attention paths (no repeated K/V, no scores) of dense layers with a small batch."""
+        if getattr(self, "_small", None) is None:
+            a, lay = self.a, self.lay
+            ok = self.attn in ("sdpa", "flash_attention_2") and a < 4 and lay.sdpa
+            widest = self.spec.hidden_size * 4  # the norms' fp32 copies, bytes per token
+            for layer in self.spec.layers:
+                att, m = layer.attention, layer.mlp
+                ok = ok and att.kind in ("full", "sliding") and m.kind in ("dense", "none")
+                ok = ok and att.head_dim <= 256 and att.head_dim == (att.v_head_dim or att.head_dim)
+                nkv = att.num_kv_heads or att.num_heads
+                qkv = (att.num_heads + 2 * nkv) * att.head_dim if lay.fused_qkv else att.num_heads * att.head_dim
+                mlp = (2 if lay.fused_gate_up else 1) * m.intermediate_size
+                widest = max(widest, qkv * a, mlp * a, (4 * att.num_heads * att.head_dim if lay.norm != "layer"
+                                                        and self.spec.model_type in _QK_NORM else 0))
+            self._small = ok and self.b * widest < self.t.min_bytes
+        return self._small
+
+    def _decode_cache_only(self, past: int, logits_bytes: float):
+        """A decode step reduced to what the allocator sees of it: each layer's cache concatenation
+        (new K, free old K, new V, free old V), then the logits."""
+        t = self.t
+        for i, layer in enumerate(self.spec.layers):
+            att = layer.attention
+            nkv = att.num_kv_heads or att.num_heads
+            self.cache_update(i, att, self.b * nkv * att.head_dim * self.kv_b,
+                              self.b * nkv * (att.v_head_dim or att.head_dim) * self.kv_b, 1, past, None)
+        return t.new(logits_bytes)
 
     def make_masks(self, q_len: int, kv: int) -> dict:
         """The 4D masks the base model builds before its layers (masking_utils), by layer kind.
@@ -610,6 +679,9 @@ class _Run:
         spec = self.spec
         H, V = spec.hidden_size, spec.vocab_size
         T = b * q_len
+        self.static_decode = static_len is not None and q_len == 1
+        if q_len == 1 and use_cache and static_len is None and self._small_decode():
+            return self._decode_cache_only(past, b * V * a)
         emb = t.new(T * H * a)
         if self.lay.embed_scale:  # the scaled embedding module: embedding(ids) * embed_scale
             scaled = t.new(T * H * a)
