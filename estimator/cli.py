@@ -146,7 +146,8 @@ def cmd_estimate(args) -> int:
                          ("activations", est.activation_bytes), ("overhead", est.overhead_bytes)):
         lines.append(f"  {label:<13}{_gib(value):>10}{value:>18,}")
     lines.append(f"  {'total':<13}{_gib(est.total_bytes):>10}{est.total_bytes:>18,}")
-    coverage = est.coefficients.interval.get("coverage")
+    # the interval's design coverage (what the calibration aimed at), else its measured coverage
+    coverage = est.coefficients.interval.get("target") or est.coefficients.interval.get("coverage")
     label = f"{round(coverage * 100)}% interval" if coverage else "interval"
     lines.append(f"  {label}: {_gib(est.low_bytes)} .. {_gib(est.high_bytes)} GiB   (peak in {est.peak_phase})")
     c = est.coefficients

@@ -113,12 +113,20 @@ def load_coefficients(path: str | Path) -> Coefficients:
             framework=data.get("framework"),
             gpu=data.get("gpu"),
             calibrated=bool(data.get("calibrated", False)),
-            source=str(path),
+            source=_display_path(path),
             by_attn=data.get("by_attn") or {},
             provenance=data.get("provenance") or {},
         )
     except KeyError as exc:
         raise UserError(f"coefficients file {path} lacks {exc}") from None
+
+
+def _display_path(path: Path) -> str:
+    """The path relative to the working directory when it lies below it (shorter in every output)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 @lru_cache(maxsize=None)
