@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from estimator.cli import positive_int as _positive_int
 from estimator.errors import UserError
 
 GIB = 2**30
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", "").replace(",", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def register(sub) -> None:
