@@ -20,7 +20,9 @@ Constants and rules from ``c10/cuda/CUDACachingAllocator.cpp`` (torch 2.4-2.11, 
   whole block is handed out and counts as allocated;
 - a freed block merges with free neighbours of the same segment.
 
-Pure Python, no torch. Addresses are virtual: each segment starts far from the previous one.
+Pure Python, no torch. Addresses are virtual: each segment starts far from the previous one. A pool is
+a sorted list of integer keys ``size << 96 | address`` (one C-level bisect per request) next to a dict
+from address to block; a replay makes millions of requests, so this is the estimator's hot loop.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MIN_LARGE_ALLOC = 10 << 20
 LARGE_BUFFER = 20 << 20
 ROUND_LARGE = 2 << 20
 _SEGMENT_GAP = 1 << 44  # virtual distance between segments: blocks of two segments never touch
+_SHIFT = 96  # pool key: size << _SHIFT | address (addresses stay far below 2**96)
+_ADDRESS = (1 << _SHIFT) - 1
 
 
 def round_size(nbytes: int) -> int:
@@ -65,7 +69,8 @@ class CachingAllocator:
     """``malloc(nbytes) -> block``, ``free(block)``; ``allocated``/``reserved`` and their peaks, in bytes."""
 
     def __init__(self):
-        self._pools: dict[bool, list] = {True: [], False: []}  # sorted (size, ptr, id, block) of free blocks
+        self._pools: dict[bool, list[int]] = {True: [], False: []}  # sorted keys of the free blocks
+        self._free: dict[int, _Block] = {}  # address -> free block, both pools
         self._next_ptr = _SEGMENT_GAP
         self.allocated = 0
         self.reserved = 0
@@ -76,12 +81,12 @@ class CachingAllocator:
     def malloc(self, nbytes: int) -> _Block | None:
         if nbytes <= 0:
             return None
-        size = round_size(nbytes)
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK
         small = size <= SMALL_SIZE
         pool = self._pools[small]
-        i = bisect_left(pool, (size,))
+        i = bisect_left(pool, size << _SHIFT)
         if i < len(pool):
-            block = pool.pop(i)[3]
+            block = self._free.pop(pool.pop(i) & _ADDRESS)
         else:
             seg = segment_size(size)
             block = _Block(self._next_ptr, seg, small)
@@ -93,12 +98,14 @@ class CachingAllocator:
         rest = block.size - size
         if (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE):
             tail = _Block(block.ptr + size, rest, small)
-            tail.prev, tail.next = block, block.next
-            if block.next is not None:
-                block.next.prev = tail
+            nxt = block.next
+            tail.prev, tail.next = block, nxt
+            if nxt is not None:
+                nxt.prev = tail
             block.next = tail
             block.size = size
-            insort(pool, (tail.size, tail.ptr, id(tail), tail))
+            insort(pool, rest << _SHIFT | tail.ptr)
+            self._free[tail.ptr] = tail
         block.free = False
         self.allocated += block.size
         if self.allocated > self.peak_allocated:
@@ -113,24 +120,100 @@ class CachingAllocator:
         block.free = True
         self.allocated -= block.size
         pool = self._pools[block.small]
+        free = self._free
         prev, nxt = block.prev, block.next
         if prev is not None and prev.free:
-            self._remove(pool, prev)
+            del pool[bisect_left(pool, prev.size << _SHIFT | prev.ptr)]
+            del free[prev.ptr]
             block.ptr, block.size, block.prev = prev.ptr, prev.size + block.size, prev.prev
             if prev.prev is not None:
                 prev.prev.next = block
         if nxt is not None and nxt.free:
-            self._remove(pool, nxt)
+            del pool[bisect_left(pool, nxt.size << _SHIFT | nxt.ptr)]
+            del free[nxt.ptr]
             block.size += nxt.size
             block.next = nxt.next
             if nxt.next is not None:
                 nxt.next.prev = block
-        insort(pool, (block.size, block.ptr, id(block), block))
+        insort(pool, block.size << _SHIFT | block.ptr)
+        free[block.ptr] = block
 
-    @staticmethod
-    def _remove(pool: list, block: _Block) -> None:
-        i = bisect_left(pool, (block.size, block.ptr, id(block)))
-        pool.pop(i)
+    def run(self, ops: list, loc: list, start: int = 0) -> int:
+        """Replay ``ops[start:]``: ``(slot, size)`` is ``loc[slot] = malloc(size)`` for a size already rounded
+        (``round_size``), ``(slot, 0)`` is ``free(loc[slot])``; stops at the first op whose slot is negative
+        (the caller's) and returns its index, or ``len(ops)``. ``malloc`` and ``free`` inlined: this loop is
+        the replay's hot path."""
+        pools, free_at = self._pools, self._free
+        large, small_pool = pools[False], pools[True]
+        allocated, peak = self.allocated, self.peak_allocated
+        n = len(ops)
+        i = start
+        while i < n:
+            slot, nbytes = ops[i]
+            if slot < 0:
+                break
+            i += 1
+            if nbytes:  # malloc
+                size = nbytes
+                small = size <= SMALL_SIZE
+                pool = small_pool if small else large
+                j = bisect_left(pool, size << _SHIFT)
+                if j < len(pool):
+                    block = free_at.pop(pool.pop(j) & _ADDRESS)
+                else:
+                    seg = segment_size(size)
+                    block = _Block(self._next_ptr, seg, small)
+                    self._next_ptr += _SEGMENT_GAP
+                    self.reserved += seg
+                    self.segments += 1
+                    if self.reserved > self.peak_reserved:
+                        self.peak_reserved = self.reserved
+                rest = block.size - size
+                if (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE):
+                    tail = _Block(block.ptr + size, rest, small)
+                    nxt = block.next
+                    tail.prev = block
+                    tail.next = nxt
+                    if nxt is not None:
+                        nxt.prev = tail
+                    block.next = tail
+                    block.size = size
+                    insort(pool, rest << _SHIFT | tail.ptr)
+                    free_at[tail.ptr] = tail
+                block.free = False
+                allocated += block.size
+                if allocated > peak:
+                    peak = allocated
+                loc[slot] = block
+            else:  # free
+                block = loc[slot]
+                if block is None:
+                    continue
+                block.free = True
+                size = block.size
+                allocated -= size
+                pool = small_pool if block.small else large
+                prev, nxt = block.prev, block.next
+                if prev is not None and prev.free:
+                    del pool[bisect_left(pool, prev.size << _SHIFT | prev.ptr)]
+                    del free_at[prev.ptr]
+                    size += prev.size
+                    block.ptr = prev.ptr
+                    pp = block.prev = prev.prev
+                    if pp is not None:
+                        pp.next = block
+                if nxt is not None and nxt.free:
+                    del pool[bisect_left(pool, nxt.size << _SHIFT | nxt.ptr)]
+                    del free_at[nxt.ptr]
+                    size += nxt.size
+                    nn = block.next = nxt.next
+                    if nn is not None:
+                        nn.prev = block
+                block.size = size
+                insort(pool, size << _SHIFT | block.ptr)
+                free_at[block.ptr] = block
+        self.allocated, self.peak_allocated = allocated, peak
+        return i
 
     def reset_peak(self) -> None:
         """``torch.cuda.reset_peak_memory_stats()``: peaks restart from the current values."""
@@ -141,11 +224,42 @@ class CachingAllocator:
         """``torch.cuda.empty_cache()``: segments that are wholly free go back to the driver."""
         for small, pool in self._pools.items():
             keep = []
-            for entry in pool:
-                block = entry[3]
+            for key in pool:
+                block = self._free[key & _ADDRESS]
                 if block.prev is None and block.next is None:
                     self.reserved -= block.size
                     self.segments -= 1
+                    del self._free[block.ptr]
                 else:
-                    keep.append(entry)
+                    keep.append(key)
             self._pools[small] = keep
+
+    # ---- snapshots: the state after loading the weights, shared by every run of a model -------------
+    def snapshot(self) -> tuple:
+        """The state, for ``restore``, when no block was ever freed (after loading the weights): then every
+        free block is the tail of a segment whose other blocks stay allocated for good."""
+        tails = []
+        for small, pool in self._pools.items():
+            for key in pool:
+                block = self._free[key & _ADDRESS]
+                assert block.next is None and (block.prev is None or not block.prev.free)
+                tails.append((small, block.ptr, block.size, block.prev is not None))
+        return (self.allocated, self.reserved, self.segments, self._next_ptr, tuple(tails))
+
+    @classmethod
+    def restore(cls, snap: tuple) -> "CachingAllocator":
+        """A new allocator in the state ``snapshot`` saw (peaks reset to it)."""
+        a = cls()
+        a.allocated, a.reserved, a.segments, a._next_ptr, tails = snap
+        for small, ptr, size, held in tails:
+            block = _Block(ptr, size, small)
+            if held:  # an allocated neighbour that is never freed: it only stops merges
+                wall = _Block(ptr - MIN_BLOCK, MIN_BLOCK, small)
+                wall.free = False
+                block.prev = wall
+            a._pools[small].append(size << _SHIFT | ptr)
+            a._free[ptr] = block
+        for pool in a._pools.values():
+            pool.sort()
+        a.reset_peak()
+        return a

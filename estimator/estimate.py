@@ -183,17 +183,45 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
 # Inversion: the largest context or batch that fits
 
 
-def _largest(fits, lo: int, hi: int) -> int | None:
-    """Largest n in [lo, hi] with fits(n), for a monotone predicate; None if even lo does not fit."""
-    if not fits(lo):
+CONTEXT_WINDOW = 64  # tokens below max_context that must all fit too
+BATCH_WINDOW = 16  # batch sizes below max_batch that must all fit too
+
+
+def _largest(fits, lo: int, hi: int, window: int) -> int | None:
+    """Largest ``n`` in ``[lo, hi]`` such that ``n`` and the ``window`` values below it all fit (all values
+    down to ``lo`` when it is closer), and ``n + 1`` does not fit or ``n == hi``; None if ``lo`` does not fit.
+
+    The estimate is not monotone: the allocator model's reserve jumps by up to a few GiB between
+    neighbouring contexts or batches (a tensor crossing a 2 MiB rounding changes how the segments fragment),
+    so a plain bisection can stop at a value that fits just above values that do not. Bisection finds a
+    boundary; then an exact downward scan moves the answer below any failing value until ``window``
+    consecutive values fit. The answer is conservative within that window: a user can run any value in
+    ``[n - window, n]``.
+    """
+    seen: dict[int, bool] = {}
+
+    def ok(n: int) -> bool:
+        if n not in seen:
+            seen[n] = fits(n)
+        return seen[n]
+
+    if not ok(lo):
         return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
+    a, b = lo, hi
+    while a < b:  # invariant: a fits; values above b were seen to fail (or b == hi)
+        mid = (a + b + 1) // 2
+        if ok(mid):
+            a = mid
         else:
-            hi = mid - 1
-    return lo
+            b = mid - 1
+    n, m, run = a, a - 1, 0
+    while run < window and m >= lo:
+        if ok(m):
+            run += 1
+        else:  # m fails: the answer lies below it, and must itself fit
+            n, run = m - 1, 0
+        m -= 1
+    return n
 
 
 def _budget(gpu: str | int) -> int:
@@ -202,7 +230,9 @@ def _budget(gpu: str | int) -> int:
 
 def max_context(spec: ModelSpec, workload: Workload, gpu: str | int,
                 coefficients: Coefficients | None = None, safe: bool = True) -> dict:
-    """Largest ``context`` (prompt + new tokens) whose estimate fits ``gpu``.
+    """Largest ``context`` (prompt + new tokens) whose estimate fits ``gpu``, and such that the
+    ``CONTEXT_WINDOW`` contexts below it fit too (``_largest``: the estimate is not monotone in the
+    context, so a bisection alone can answer a context that fits above shorter ones that do not).
 
     ``safe``: compare the interval's high end with the memory (the answer a launch can rely on);
     otherwise the point estimate. The search stops at the model's ``max_position_embeddings``.
@@ -222,7 +252,7 @@ def max_context(spec: ModelSpec, workload: Workload, gpu: str | int,
         e = estimate(spec, replace(workload, context=n, max_cache_len=None), coefficients)
         return (e.high_bytes if safe else e.total_bytes) <= budget
 
-    best = _largest(fits, lo, limit)
+    best = _largest(fits, lo, limit, CONTEXT_WINDOW)
     return {"max_context": best, "limited_by": "model" if best == limit else "memory",
             "model_max_positions": spec.max_position_embeddings, "memory_bytes": budget,
             "coefficients": coefficients.source}
@@ -230,7 +260,8 @@ def max_context(spec: ModelSpec, workload: Workload, gpu: str | int,
 
 def max_batch(spec: ModelSpec, workload: Workload, gpu: str | int,
               coefficients: Coefficients | None = None, safe: bool = True) -> dict:
-    """Largest ``batch`` whose estimate at ``workload.context`` fits ``gpu``."""
+    """Largest ``batch`` whose estimate at ``workload.context`` fits ``gpu``, and such that the
+    ``BATCH_WINDOW`` batch sizes below it fit too (see ``max_context``)."""
     budget = _budget(gpu)
     gpu_name = None if isinstance(gpu, int) else find_gpu(gpu).name
     if coefficients is None:
@@ -241,5 +272,5 @@ def max_batch(spec: ModelSpec, workload: Workload, gpu: str | int,
         e = estimate(spec, replace(workload, batch=n), coefficients)
         return (e.high_bytes if safe else e.total_bytes) <= budget
 
-    best = _largest(fits, 1, 2**20)
+    best = _largest(fits, 1, 2**20, BATCH_WINDOW)
     return {"max_batch": best, "memory_bytes": budget, "coefficients": coefficients.source}

@@ -31,6 +31,14 @@ What is modelled, and where it comes from (transformers 5.17, torch 2.11 on sm90
   out in Python (five temporaries); mixture-of-experts through ``grouped_mm_experts_forward`` (the
   default on sm80+): sorted routed copies of the hidden states, the fused gate/up output and its
   ``masked_fill`` copy, the down projection and the re-ordering.
+- Qwen3-Next: gated attention (``q_proj`` yields the query and a gate, the output is multiplied by
+  ``sigmoid(gate)``), a partial rotary (a quarter of the head dim rotated, then ``cat``), the shared
+  expert before the routed ones; its gated delta-net layers follow transformers' torch fallbacks: the
+  projections and their reshaping copies, ``causal_conv1d_fn``, ``torch_chunk_gated_delta_rule`` (fp32
+  copies padded to chunks of 64, the (64 x 64) pairwise decays per chunk, the triangular solves, then one
+  loop iteration per chunk) and ``Qwen3NextRMSNormGated``; a decode step runs ``causal_conv1d_update``
+  and ``torch_recurrent_gated_delta_rule`` on the cached fp32 state. Traced event by event, the replay
+  allocates what the trace does except generic details below 1% (the rotary's scaling temporaries).
 - generate computes the last position's logits only, copies them to fp32 and, when the model has an
   EOS token and ``min_new_tokens`` is set (the harness's method), the min-length processor makes two
   more fp32 copies; the fp32 logits of a step live until the next step replaces them.
@@ -40,6 +48,18 @@ change the peaks by a few MiB, which the ``workspace_bytes`` coefficient absorbs
 cuBLAS workspace.
 
 Family quirks live in ``LAYOUTS`` (by ``model_type``); everything else follows from the ``ModelSpec``.
+
+How it runs fast, with the same result as replaying every tensor of every layer and step (checked
+against a frozen oracle, ``tests/estimator/test_program_speed_equivalence.py``): ``_Run`` describes the
+program on a ``_Tape`` that records ops on numbered slots; ``_Replay`` records each piece (a forward's
+frame, one decoder layer) once per shape and replays the recording for every layer of that kind. A
+decode step's pieces are recorded with the past tokens as a symbol (``_Sym``: sizes ``a + b * past``,
+comparisons kept as conditions), so one recording serves every step for which the conditions answer
+the same, and a whole step runs as one flat list of ops (``_Step``). Two repetitions are skipped, only
+once the allocator's state has been seen to repeat exactly: the iterations of a loop (the gated delta
+rule's chunks) and decode steps whose sizes no longer grow (a static cache, a full sliding window).
+A dynamic cache that grows is replayed step by step: its blocks keep moving between segments, and the
+allocator's state does not repeat.
 """
 
 from __future__ import annotations
@@ -59,7 +79,8 @@ class Layout:
     fused_qkv: bool = False  # one qkv projection (Phi-3, GPT-2); q, k, v are views of it
     fused_gate_up: bool = False  # Phi-3: gate_up_proj, chunked
     rope: str = "half"  # "half": rotate_half; "half_cat": Phi-3's extra cat; "split": gpt-oss's halves and
-    # cat; "complex": DeepSeek-V2's complex product; "none": learned positions
+    # cat; "complex": DeepSeek-V2's complex product; "none": learned positions; "partial": rotate_half on
+    # the first ``partial_rotary_factor`` of the head dim, then cat with the rest (Qwen3-Next)
     act: str = "kernel"  # "kernel": one tensor (silu, gelu); "gelu_new": GPT-2's Python formula
     sandwich_norms: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too
     attn_softcap: bool = False  # Gemma 2 eager: scores / cap, tanh, * cap
@@ -72,6 +93,8 @@ class Layout:
     expert_glu: str = "act"  # "act": act(gate) * up; "gpt_oss": clamped gate/up, gate * sigmoid(1.702 gate) * (up + 1)
     expert_bias: bool = False  # gpt-oss: per-expert biases gathered for the routed rows
     sinks: bool = False  # gpt-oss: one sink logit per head concatenated to the scores
+    gated_attention: bool = False  # Qwen3-Next: q_proj also yields a gate; output * sigmoid(gate)
+    shared_expert_gate: bool = False  # Qwen3-Next: shared expert first, scaled by sigmoid(gate(x))
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -85,36 +108,191 @@ LAYOUTS: dict[str, Layout] = {
                       expert_bias=True),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),
+    "qwen3_next": Layout(norm="rms_gemma", rope="partial", gated_attention=True, shared_expert_gate=True),
 }
 DEFAULT_LAYOUT = Layout()  # every other family follows Llama's code (qwen2/3, mistral, mixtral, olmoe...)
 MIN_TRACKED_BYTES = SMALL_SIZE + 1
 
 
+class _NotAffine(Exception):
+    """A size that is not ``a + b * x`` in the decode step's past tokens: record that step concretely."""
+
+
+class _Sym:
+    """``a + b * x``, a quantity of a decode step that grows with its past tokens ``x`` (the cache's and
+    the masks' lengths). Comparisons answer for the recorded ``x`` and are kept in ``conds``: a recorded
+    step holds for every ``x`` that answers them the same way (``_valid_range``)."""
+
+    __slots__ = ("a", "b", "x", "conds")
+
+    def __init__(self, a, b, x: int, conds: list):
+        self.a, self.b, self.x, self.conds = a, b, x, conds
+
+    def _new(self, a, b):
+        return _Sym(a, b, self.x, self.conds)
+
+    def __add__(self, o):
+        if isinstance(o, _Sym):
+            return self._new(self.a + o.a, self.b + o.b)
+        return self._new(self.a + o, self.b)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        if isinstance(o, _Sym):
+            return self._new(self.a - o.a, self.b - o.b)
+        return self._new(self.a - o, self.b)
+
+    def __rsub__(self, o):
+        return self._new(o - self.a, -self.b)
+
+    def __neg__(self):
+        return self._new(-self.a, -self.b)
+
+    def __mul__(self, o):
+        if isinstance(o, _Sym):
+            raise _NotAffine
+        return self._new(self.a * o, self.b * o)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o):
+        if isinstance(o, _Sym):
+            raise _NotAffine
+        return self._new(self.a / o, self.b / o)
+
+    def _floordiv(self, *_):
+        raise _NotAffine
+
+    __floordiv__ = __rfloordiv__ = __rtruediv__ = __mod__ = __int__ = __index__ = __float__ = _floordiv
+
+    def _cmp(self, o, op: str) -> bool:
+        d = self - o
+        v = d.a + d.b * self.x
+        out = {"<": v < 0, "<=": v <= 0, ">": v > 0, ">=": v >= 0, "==": v == 0, "!=": v != 0}[op]
+        if d.b:
+            self.conds.append((d.a, d.b, op, out))
+        return out
+
+    def __lt__(self, o):
+        return self._cmp(o, "<")
+
+    def __le__(self, o):
+        return self._cmp(o, "<=")
+
+    def __gt__(self, o):
+        return self._cmp(o, ">")
+
+    def __ge__(self, o):
+        return self._cmp(o, ">=")
+
+    def __eq__(self, o):
+        return self._cmp(o, "==")
+
+    def __ne__(self, o):
+        return self._cmp(o, "!=")
+
+    __hash__ = None
+
+
+def _valid_range(conds: list, x: int) -> tuple[float, float]:
+    """The integers ``[lo, hi]`` around ``x`` for which every recorded comparison answers as it did at ``x``.
+
+    ``a + b * y`` has one sign below ``t = -a / b`` and the other above, so a comparison's answer is the
+    same on ``(-inf, floor(t) - 1]``, may differ at ``floor(t)``, and is the same on ``[floor(t) + 1, inf)``.
+    """
+    from fractions import Fraction
+    from math import floor
+
+    lo, hi = float("-inf"), float("inf")
+    for a, b, op, out in conds:
+        k = floor(Fraction(-a) / Fraction(b))
+
+        def same(y: int) -> bool:
+            return _cmp_at(a, b, op, y) == out
+
+        if x <= k - 1:
+            hi = min(hi, (k if not same(k + 1) else float("inf")) if same(k) else k - 1)
+        elif x >= k + 1:
+            lo = max(lo, (k if not same(k - 1) else float("-inf")) if same(k) else k + 1)
+        else:
+            if not same(k - 1):
+                lo = max(lo, k)
+            if not same(k + 1):
+                hi = min(hi, k)
+    return lo, hi
+
+
+def _cmp_at(a, b, op: str, y: int) -> bool:
+    from fractions import Fraction
+
+    v = Fraction(a) + Fraction(b) * y
+    return {"<": v < 0, "<=": v <= 0, ">": v > 0, ">=": v >= 0, "==": v == 0, "!=": v != 0}[op]
+
+
 class _Tape:
-    """Allocations of one run: tensors above the small-pool size go to the allocator model."""
+    """Records what a piece of the program allocates and frees, as ops on numbered slots.
 
-    __slots__ = ("alloc", "min_bytes")
+    ``new(nbytes)`` returns a slot, or None for a tensor under ``min_bytes`` (never tracked). An op is
+    ``(slot, nbytes)`` (allocate; a ``_Sym`` size in a decode step) or ``(slot, 0)`` (free);
+    ``(-1, _Repeat)`` runs a recorded body several times. Slots ``0 .. n_ext - 1`` are bound by the
+    caller (a layer's input, its cache)."""
 
-    def __init__(self, alloc: CachingAllocator, min_bytes: int):
-        self.alloc, self.min_bytes = alloc, min_bytes
+    __slots__ = ("ops", "n", "min_bytes")
 
-    def new(self, nbytes: float):
-        nbytes = int(nbytes)
+    def __init__(self, min_bytes: int, n_ext: int = 0):
+        self.ops: list = []
+        self.n = n_ext
+        self.min_bytes = min_bytes
+
+    def new(self, nbytes):
+        if not isinstance(nbytes, _Sym):
+            nbytes = int(nbytes)
         if nbytes < self.min_bytes:
             return None
-        return self.alloc.malloc(nbytes)
+        slot = self.n
+        self.n += 1
+        self.ops.append((slot, nbytes))
+        return slot
 
-    def free(self, *blocks) -> None:
-        for block in blocks:
-            if block is not None:
-                self.alloc.free(block)
+    def free(self, *slots) -> None:
+        for slot in slots:
+            if slot is not None:
+                self.ops.append((slot, 0))
+
+    def layers(self, h, kept: bool):
+        """Every decoder layer, run by the replay on the hidden states ``h`` (``kept``: also referenced by
+        the caller, so the first layer does not free it); returns the last layer's output's slot."""
+        slot = self.n
+        self.n += 1
+        self.ops.append((-2, (h, kept, slot)))
+        return slot
+
+    def repeat(self, count: int, step, carried: tuple) -> tuple:
+        """``count`` iterations of ``step(carried) -> carried`` (a loop whose iterations allocate the same
+        sizes): recorded once, replayed until the allocator's state repeats (``_execute``)."""
+        outer, self.ops = self.ops, []
+        out = step(carried)
+        body, self.ops = self.ops, outer
+        if any((i is None) != (o is None) for i, o in zip(carried, out)):
+            raise AssertionError("a loop-carried tensor is tracked in one iteration only")
+        if body:
+            self.ops.append((-1, _Repeat(count, body, [(i, o) for i, o in zip(carried, out) if i is not None])))
+        return out
+
+
+class _Repeat:
+    __slots__ = ("count", "body", "carry")
+
+    def __init__(self, count: int, body: list, carry: list):
+        self.count, self.body, self.carry = count, body, carry
 
 
 class _Run:
     """One model's forwards over the tape. Sizes in bytes; ``a`` is the activation dtype's bytes."""
 
-    def __init__(self, spec: ModelSpec, workload, tape: _Tape):
-        self.spec, self.w, self.t = spec, workload, tape
+    def __init__(self, spec: ModelSpec, workload, min_bytes: int):
+        self.spec, self.w, self.t = spec, workload, _Tape(min_bytes)
         self.lay = LAYOUTS.get(spec.model_type, DEFAULT_LAYOUT)
         a = dtype_bytes(workload.dtype)
         if workload.quant and a < 2:
@@ -129,6 +307,7 @@ class _Run:
         self.static_decode = False
         self.cache: dict[int, list] = {}  # layer index -> cache tensors [k, v] (or latent, rope)
         self.cfg = spec.config or {}
+        self.rotary_fraction = self.cfg.get("partial_rotary_factor", 1.0) if self.lay.rope == "partial" else 1.0
 
     # ---- building blocks ----------------------------------------------------------------------
     def norm(self, n: int):
@@ -159,8 +338,9 @@ class _Run:
         t.free(ya, y32)
         return out
 
-    def rope(self, n: int):
-        """``x * cos + rotate_half(x) * sin`` over ``n`` elements; the caller frees ``x``."""
+    def rope(self, n: int, whole: bool = True):
+        """``x * cos + rotate_half(x) * sin`` over ``n`` elements; the caller frees ``x``. ``whole=False``:
+        a partial rotary's rotated part only (the caller makes the ``cat`` with the pass-through part)."""
         t, a = self.t, self.a
         if self.lay.rope == "split":  # gpt-oss: cat((x1 cos - x2 sin, x2 cos + x1 sin), -1)
             halves = []
@@ -179,6 +359,9 @@ class _Run:
             out = t.new(n * a)
             t.free(prod, x32)
             return out
+        whole_n = n
+        if self.lay.rope == "partial":  # x[..., :rotary_dim] rotated, x[..., rotary_dim:] passed through
+            n = n * self.rotary_fraction
         xc = t.new(n * a)
         neg = t.new(n * a / 2)
         cat = t.new(n * a)
@@ -187,10 +370,10 @@ class _Run:
         t.free(cat)
         out = t.new(n * a)
         t.free(xc, xs)
-        if self.lay.rope == "half_cat":  # cat((rotated, pass), -1)
-            whole = t.new(n * a)
+        if whole and self.lay.rope in ("half_cat", "partial"):  # cat((rotated, pass), -1)
+            joined = t.new(whole_n * a)
             t.free(out)
-            out = whole
+            out = joined
         return out
 
     def act(self, n: int, x):
@@ -250,7 +433,7 @@ class _Run:
         T = b * q_len
         H = self.spec.hidden_size
         if att.kind in ("linear", "ssm"):
-            return self.linear_mixer(i, att, q_len, x)
+            return self.linear_mixer(i, att, q_len, x, use_cache)
         if att.kind == "mla":
             return self.mla(i, att, q_len, past, x, static_len, use_cache, masks)
         nh, nkv, d = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
@@ -262,7 +445,9 @@ class _Run:
             q = k = v = None
         elif self.spec.model_type in _QK_NORM:  # q_norm(q_proj(x)), k_norm(k_proj(x)), v_proj(x)
             qkv = None
-            q0 = t.new(q_n * a)
+            q0 = t.new(q_n * a * (2 if lay.gated_attention else 1))
+            if lay.gated_attention:  # chunk(q_proj(x), 2) then gate.reshape: a copy
+                gate = t.new(q_n * a)
             q = self.norm(q_n)
             t.free(q0)
             k0 = t.new(k_n * a)
@@ -274,7 +459,14 @@ class _Run:
             q = t.new(q_n * a)
             k = t.new(k_n * a)
             v = t.new(v_n * a)
-        if lay.rope != "none":
+        if lay.rope == "partial":  # both rotations, then cat((rotated, pass), -1) for each
+            qr = self.rope(q_n, whole=False)
+            kr = self.rope(k_n, whole=False)
+            qe = t.new(q_n * a)
+            t.free(qr)
+            ke = t.new(k_n * a)
+            t.free(kr, q, k)
+        elif lay.rope != "none":
             qe = self.rope(q_n)
             ke = self.rope(k_n)
             t.free(q, k)
@@ -290,6 +482,13 @@ class _Run:
         else:
             kv_len = q_len
         out, weights = self.core_attention(att, q_len, kv_len, qe, masks)
+        if lay.gated_attention:  # attn_output * sigmoid(gate)
+            sg = t.new(q_n * a)
+            gated = t.new(T * nh * dv * a)
+            t.free(sg, out)
+            y = t.new(T * H * a)
+            t.free(gated, qe, gate, ke, v, qkv, x)
+            return y, weights
         y = t.new(T * H * a)  # o_proj; the attention's locals go when it returns
         t.free(out, qe, ke, v, qkv, x)
         return y, weights
@@ -435,26 +634,244 @@ class _Run:
         t.free(out, qs, q, qr, keys, kvb, ckv, kvn, kr, x)
         return y, w
 
-    def linear_mixer(self, i: int, att: AttentionSpec, q_len: int, x):
-        """Gated delta-net / state-space layers: projections and a chunked recurrent kernel (approximate)."""
+    def linear_mixer(self, i: int, att: AttentionSpec, q_len: int, x, use_cache: bool):
+        """Qwen3-Next's gated delta-net (``Qwen3NextGatedDeltaNet``) with transformers' torch fallbacks:
+        ``causal_conv1d_fn`` and ``torch_chunk_gated_delta_rule`` for a prompt (or a forward without
+        cache), ``causal_conv1d_update`` and ``torch_recurrent_gated_delta_rule`` for a decode step. The
+        caller frees nothing: ``x`` (the normed input) is freed here, the layer's output returned."""
         t, a, b = self.t, self.a, self.b
         T = b * q_len
-        if i not in self.cache:  # the fixed recurrent state, allocated at the first forward
-            state = att.state_elems * (4 if att.state_dtype == "float32" else a) * b
-            conv = getattr(att, "conv_state_elems", 0) * a * b
-            self.cache[i] = [t.new(state), t.new(conv), 0]
-        width = max(att.num_heads * (att.v_head_dim or att.head_dim), 1)
-        kw = max((att.num_kv_heads or att.num_heads) * att.head_dim, 1)
-        proj = t.new(T * (2 * kw + 2 * width) * a)  # in_proj_qkvz
-        conv = t.new(T * (2 * kw + width) * a)
-        core32 = t.new(T * (2 * kw + 2 * width) * 4)  # the kernel's fp32 working copies
-        out = t.new(T * width * a)
-        t.free(core32, conv)
-        gated = t.new(T * width * a)
-        t.free(out, proj)
-        y = t.new(T * self.spec.hidden_size * a)
-        t.free(gated, x)
+        nv, nk = att.num_heads, att.num_kv_heads or att.num_heads
+        dk, dv = att.head_dim, att.v_head_dim or att.head_dim
+        kw, vw = nk * dk, nv * dv  # key_dim, value_dim
+        conv_dim = 2 * kw + vw
+        kernel = self.cfg.get("linear_conv_kernel_dim", 4)
+        state_bytes = b * nv * dk * dv * 4  # the delta-rule state (fp32)
+        entry = self.cache.get(i) if use_cache else None
+        decode = entry is not None and q_len == 1  # use_precomputed_states and seq_len == 1
+
+        proj = t.new(T * (2 * kw + 2 * vw) * a)  # in_proj_qkvz
+        ba = t.new(T * 2 * nv * a)  # in_proj_ba
+        # fix_query_key_value_ordering: value and z (then b, a) are reshaped out of a strided split: copies;
+        # then query and key are reshaped to (b, s, key_dim): copies too
+        vc = t.new(T * vw * a)
+        z = t.new(T * vw * a)
+        bc = t.new(T * nv * a)
+        ac = t.new(T * nv * a)
+        qc = t.new(T * kw * a)
+        kc = t.new(T * kw * a)
+        mixed = t.new(T * conv_dim * a)  # cat((query, key, value), -1)
+        if decode:  # causal_conv1d_update: cat(conv_state, x), conv1d, silu, cast
+            full = t.new(b * conv_dim * (kernel + 1) * a)
+            conv = t.new(b * conv_dim * 2 * a)
+            act = t.new(b * conv_dim * a)
+            t.free(conv, full)
+            t.free(mixed)
+        else:
+            length = q_len
+            if use_cache and entry is None:  # update_conv_state: the conv state, zeros(b, conv_dim, kernel)
+                entry = self.cache[i] = [None, t.new(b * conv_dim * kernel * a), 0]
+            if use_cache and q_len < kernel:  # ... and pads a prompt shorter than the kernel
+                padded = t.new(b * conv_dim * kernel * a)
+                t.free(mixed)
+                mixed, length = padded, kernel
+            conv = t.new(b * conv_dim * (length + kernel - 1) * a)  # conv1d(padding=kernel - 1)
+            act = t.new(b * conv_dim * length * a)  # silu of [..., :length]
+            t.free(conv, mixed)
+        t.free(qc, kc, vc)  # query, key, value = split(mixed_qkv): views of the convolution's output
+        beta = t.new(T * nv * a)  # b.sigmoid()
+        af = t.new(T * nv * 4)  # g = -A_log.float().exp() * softplus(a.float() + dt_bias)
+        ad = t.new(T * nv * 4)
+        t.free(af)
+        sp = t.new(T * nv * 4)
+        t.free(ad)
+        g = t.new(T * nv * 4)
+        t.free(sp)
+        rq = rk = None
+        if nv > nk:  # repeat_interleave to the value heads
+            rq = t.new(T * nv * dk * a)
+            rk = t.new(T * nv * dk * a)
+        if decode:
+            core, state = self._recurrent_delta_rule(T, nv, dk, dv, state_bytes)
+        else:
+            core, state = self._chunk_delta_rule(b, q_len, nv, dk, dv, state_bytes, keep_state=use_cache)
+        if use_cache and entry[0] is None:  # update_recurrent_state: zeros_like at the first update, then copy_
+            entry[0] = t.new(state_bytes)
+        n = T * vw
+        if a == 4 and not decode:  # core_attn_out.reshape(-1, dim) of the transposed fp32 view: a copy
+            flat = core
+            core = t.new(n * 4)
+            t.free(flat)
+        # Qwen3NextRMSNormGated(core, z): fp32 norm, weight * x in the model dtype, * silu(z.float()), cast
+        rows = T * nv * 4  # the variance, one per head and token
+        h32 = t.new(n * 4) if a < 4 else None  # the fp32 casts are no-ops at fp32
+        p = t.new(n * 4)  # pow(2)
+        var = t.new(rows)  # .mean(-1, keepdim=True)
+        t.free(p)
+        ve = t.new(rows)
+        r = t.new(rows)  # rsqrt(variance + eps)
+        t.free(ve)
+        h = t.new(n * 4)
+        t.free(r, h32)
+        ha = t.new(n * a) if a < 4 else None
+        w = t.new(n * a)  # weight * x
+        t.free(ha, h)
+        z32 = t.new(n * 4) if a < 4 else None
+        s = t.new(n * 4)  # silu
+        t.free(z32)
+        m = t.new(n * 4)
+        t.free(s, w)
+        if a < 4:
+            out = t.new(n * a)
+            t.free(m, var)
+        else:
+            out = m
+            t.free(var)
+        t.free(core)
+        y = t.new(T * self.spec.hidden_size * a)  # out_proj
+        # the forward's locals, in the order the frame releases them
+        t.free(proj, ba, rq, rk, z, bc, ac, act, beta, g, out, state, x)
         return y, None
+
+    def _chunk_delta_rule(self, b: int, s: int, nv: int, dk: int, dv: int, state_bytes: int, keep_state: bool):
+        """``torch_chunk_gated_delta_rule`` over ``s`` tokens (chunks of 64) with no initial state; returns
+        (output in the model dtype, final state or None)."""
+        t, a = self.t, self.a
+        chunk = 64
+        T = b * s
+        S = -(-s // chunk) * chunk  # padded length
+        N = S // chunk
+        qk, vv = T * nv * dk * 4, T * nv * dv * 4  # fp32 (b, heads, s, dim)
+        pqk, pvv = b * nv * S * dk * 4, b * nv * S * dv * 4  # the same, padded
+        # transpose(1, 2).to(float32, memory_format=contiguous_format): a copy from a 16-bit dtype; from fp32
+        # (the decay always) ``to`` aliases, since the transposed view's suggested format is contiguous
+        q32, k32, v32, be32 = (t.new(n) if a < 4 else None for n in (qk, qk, vv, T * nv * 4))
+        de32 = None
+        normed = []
+        for x32 in (q32, k32):  # l2norm: x * rsqrt((x * x).sum(-1) + eps)
+            sq = t.new(qk)
+            sm = t.new(T * nv * 4)
+            t.free(sq)
+            se = t.new(T * nv * 4)
+            t.free(sm)
+            r = t.new(T * nv * 4)
+            t.free(se)
+            xn = t.new(qk)
+            t.free(r, x32)
+            normed.append(xn)
+        qn, kn = normed
+        qs = t.new(qk)  # query * scaling
+        t.free(qn)
+        qp, kp, vp = t.new(pqk), t.new(pqk), t.new(pvv)  # F.pad to a multiple of the chunk
+        t.free(qs, kn, v32)
+        bp, dp = t.new(b * nv * S * 4), t.new(b * nv * S * 4)
+        t.free(be32, de32)
+        v_beta = t.new(pvv)
+        k_beta = t.new(pqk)
+        cum = t.new(b * nv * S * 4)  # decay.cumsum
+        P = b * nv * N * chunk * chunk * 4  # pairwise decays, (b, heads, chunks, 64, 64)
+        d1 = t.new(P)
+        d2 = t.new(P)  # masked_fill
+        t.free(d1)
+        pair = t.new(P)  # exp
+        t.free(d2)
+        mm = t.new(P)
+        ut = t.new(P)  # (k_beta @ key^T) * pairwise
+        t.free(mm)
+        mm = t.new(P)
+        intra = t.new(P)  # (query @ key^T) * pairwise
+        t.free(mm)
+        e = t.new(b * nv * S * 4)
+        dkb = t.new(pqk)  # k_beta * cum.exp()
+        t.free(e)
+        new_values = t.new(pvv)  # solve_triangular
+        k_cum = t.new(pqk)
+        state = t.new(state_bytes)  # zeros
+        core = t.new(pvv)  # zeros_like(new_values)
+        e = t.new(b * nv * S * 4)
+        qd = t.new(pqk)  # query * cum.exp()
+        t.free(e, qp)
+        e1 = t.new(b * nv * S * 4)
+        e2 = t.new(b * nv * S * 4)
+        t.free(e1)
+        kd = t.new(pqk)  # key * (cum[-1] - cum).exp()
+        t.free(e2, kp)
+        chunk_decay = t.new(b * nv * N * 4)
+        c = b * nv * chunk * dv * 4  # one chunk's output
+        # the sequential scan: one iteration per chunk; v_new and inter_chunk_attn live until reassigned
+        carried = self._chunk_step(c, state_bytes, (state, None, None))
+        if N > 1:
+            carried = t.repeat(N - 1, lambda last: self._chunk_step(c, state_bytes, last), carried)
+        state, v_new, inter = carried
+        if not keep_state:
+            t.free(state)
+            state = None
+        flat = t.new(pvv)  # core_attn_out.reshape(b, heads, -1, dim): zeros_like kept solve's strides, a copy
+        t.free(core)
+        if a < 4:  # [:, :, :s].transpose(1, 2).to(dtype, contiguous): a copy (at fp32 a view of ``flat``)
+            out = t.new(T * nv * dv * a)
+            t.free(flat)
+        else:
+            out = flat
+        t.free(qd, kd, vp, bp, dp, v_beta, k_beta, cum, pair, ut, intra, dkb, new_values, k_cum, chunk_decay,
+               v_new, inter)
+        return out, state
+
+    def _chunk_step(self, c: int, sb: int, carried: tuple) -> tuple:
+        """One iteration of the chunk scan; ``carried`` is (state, v_new, inter_chunk_attn), returned anew."""
+        t = self.t
+        state, v_new, inter = carried
+        m1 = t.new(c)  # k_cumdecay[:, :, i] @ state
+        vn = t.new(c)  # new_values[:, :, i] - m1
+        t.free(m1, v_new)
+        ic = t.new(c)  # query[:, :, i] @ state
+        t.free(inter)
+        m2 = t.new(c)  # intra[:, :, i] @ v_new
+        o = t.new(c)  # inter + m2, copied into core_attn_out
+        t.free(m2, o)
+        sd = t.new(sb)  # state * chunk_decay
+        kv = t.new(sb)  # key[:, :, i]^T @ v_new
+        ns = t.new(sb)
+        t.free(sd, kv, state)
+        return ns, vn, ic
+
+    def _recurrent_delta_rule(self, T: int, nv: int, dk: int, dv: int, state_bytes: int):
+        """``torch_recurrent_gated_delta_rule`` for one token with the cached state (used in place, no copy);
+        returns (output in the model dtype, new state)."""
+        t, a = self.t, self.a
+        qk = T * nv * dk * 4
+        # query, key, value, beta to fp32 (one token: the transposes are contiguous, so no copy at fp32)
+        q32, k32, v32, be32 = (t.new(n) if a < 4 else None for n in (qk, qk, T * nv * dv * 4, T * nv * 4))
+        normed = []
+        for x32 in (q32, k32):  # l2norm
+            sq = t.new(qk)
+            sm = t.new(T * nv * 4)
+            t.free(sq)
+            se = t.new(T * nv * 4)
+            t.free(sm)
+            r = t.new(T * nv * 4)
+            t.free(se)
+            normed.append(t.new(qk))
+            t.free(r, x32)
+        qs = t.new(qk)  # query / sqrt(dk)
+        t.free(normed[0])
+        small = [qs, normed[1], v32, be32]
+        core = t.new(T * nv * dv * 4)  # zeros_like(value)
+        s1 = t.new(state_bytes)  # state * decay_t
+        m = t.new(state_bytes)  # (state * k_t).sum(-2)
+        t.free(m)
+        o = t.new(state_bytes)  # k_t * delta
+        s2 = t.new(state_bytes)
+        t.free(o, s1)
+        m = t.new(state_bytes)  # (state * q_t).sum(-2)
+        t.free(m)
+        if a < 4:  # transpose(1, 2).contiguous().to(dtype): one token, so only the cast copies
+            out = t.new(T * nv * dv * a)
+            t.free(core)
+        else:
+            out = core
+        t.free(*small)
+        return out, s2
 
     # ---- feed-forward ----------------------------------------------------------------------------
     def mlp(self, layer: LayerSpec, T: int, x):
@@ -466,6 +883,15 @@ class _Run:
             t.free(x)
             return t.new(T * H * a)
         if m.kind == "moe":
+            if self.lay.shared_expert_gate and m.shared_intermediate_size:
+                # Qwen3-Next: shared expert, router + experts, sigmoid(shared_expert_gate(x)) * shared, add
+                s = self.dense(m.shared_intermediate_size, True, T)
+                y = self.moe_batched(m, T) if self.decoding else self.moe(m, T)
+                gs = t.new(T * H * a)
+                t.free(s)
+                y2 = t.new(T * H * a)
+                t.free(y, gs, x)
+                return y2
             y = self.moe_batched(m, T) if self.decoding else self.moe(m, T)
             if m.shared_intermediate_size:
                 s = self.dense(m.shared_intermediate_size, True, T)
@@ -628,16 +1054,12 @@ class _Run:
             self._small = ok and self.b * widest < self.t.min_bytes
         return self._small
 
-    def _decode_cache_only(self, past: int, logits_bytes: float):
-        """A decode step reduced to what the allocator sees of it: each layer's cache concatenation
-        (new K, free old K, new V, free old V), then the logits."""
-        t = self.t
-        for i, layer in enumerate(self.spec.layers):
-            att = layer.attention
-            nkv = att.num_kv_heads or att.num_heads
-            self.cache_update(i, att, self.b * nkv * att.head_dim * self.kv_b,
-                              self.b * nkv * (att.v_head_dim or att.head_dim) * self.kv_b, 1, past, None)
-        return t.new(logits_bytes)
+    def cache_only_layer(self, i: int, att: AttentionSpec, past):
+        """A decode step's layer reduced to what the allocator sees of it (``_small_decode``): the cache
+        concatenation (new K, free old K, new V, free old V)."""
+        nkv = att.num_kv_heads or att.num_heads
+        self.cache_update(i, att, self.b * nkv * att.head_dim * self.kv_b,
+                          self.b * nkv * (att.v_head_dim or att.head_dim) * self.kv_b, 1, past, None)
 
     def make_masks(self, q_len: int, kv: int) -> dict:
         """The 4D masks the base model builds before its layers (masking_utils), by layer kind.
@@ -671,17 +1093,17 @@ class _Run:
             masks[name] = m
         return masks
 
-    # ---- one forward ---------------------------------------------------------------------------
-    def forward(self, q_len: int, past: int, logits_positions: int, use_cache: bool,
-                static_len: int | None = None):
-        """One model forward over ``q_len`` new tokens per sequence; returns the logits block."""
+    # ---- one forward, in the two pieces the replay records: the frame and a layer -------------------
+    def frame(self, q_len: int, past, logits_positions: int, use_cache: bool, static_len: int | None = None):
+        """One model forward over ``q_len`` new tokens per sequence around its layers, which it records as
+        one ``_Tape.layers`` op; returns the logits' slot."""
         t, a, b = self.t, self.a, self.b
         spec = self.spec
         H, V = spec.hidden_size, spec.vocab_size
         T = b * q_len
-        self.static_decode = static_len is not None and q_len == 1
-        if q_len == 1 and use_cache and static_len is None and self._small_decode():
-            return self._decode_cache_only(past, b * V * a)
+        if self.small_step(q_len, use_cache, static_len):  # each layer's cache concatenation, the logits
+            t.layers(None, False)
+            return t.new(b * V * a)
         emb = t.new(T * H * a)
         if self.lay.embed_scale:  # the scaled embedding module: embedding(ids) * embed_scale
             scaled = t.new(T * H * a)
@@ -694,7 +1116,8 @@ class _Run:
             h = t.new(T * H * a)
         rot = []
         if self.lay.rope != "none":  # cos, sin at the activation dtype, made from fp32 (b, q, head_dim)
-            dh = max((l.attention.head_dim for l in spec.layers), default=0)
+            dh = max((l.attention.head_dim for l in spec.layers if l.attention.kind in ("full", "sliding")),
+                     default=0) * self.rotary_fraction
             if any(l.attention.kind == "mla" for l in spec.layers):
                 dh = max(l.attention.qk_rope_head_dim for l in spec.layers)
             freqs = t.new(T * dh / 2 * 4)
@@ -704,27 +1127,7 @@ class _Run:
             rot = [t.new(T * dh * a), t.new(T * dh * a)]
             t.free(freqs, embf, c32, s32)
         masks = self.make_masks(q_len, past + q_len)
-        for i, layer in enumerate(spec.layers):
-            # the caller's ``hidden_states`` keeps the layer's input alive until the layer returns
-            h_in = h
-            x = self.norm(T * H)
-            y, weights = self.attention(i, layer, q_len, past, x, static_len, use_cache, masks)
-            if self.lay.sandwich_norms:
-                y2 = self.norm(T * H)
-                t.free(y)
-                y = y2
-            h1 = t.new(T * H * a)
-            t.free(y)
-            x2 = self.norm(T * H)  # post_attention_layernorm (Gemma: pre_feedforward_layernorm)
-            y = self.mlp(layer, T, x2)
-            if self.lay.sandwich_norms:
-                y2 = self.norm(T * H)
-                t.free(y)
-                y = y2
-            h = t.new(T * H * a)
-            t.free(y, h1, weights)
-            if h_in not in keep:
-                t.free(h_in)
+        h = t.layers(h, h in keep)  # every decoder layer (``layer``), each freeing its input
         hn = self.norm(T * H)
         if h not in keep:
             t.free(h)
@@ -739,6 +1142,35 @@ class _Run:
         t.free(hn)
         return logits
 
+    def small_step(self, q_len: int, use_cache: bool, static_len: int | None) -> bool:
+        return q_len == 1 and use_cache and static_len is None and self._small_decode()
+
+    def layer(self, i: int, layer: LayerSpec, q_len: int, past, static_len: int | None, use_cache: bool,
+              masks: dict, h_in, keep: list):
+        """Decoder layer ``i`` on the hidden states ``h_in``; returns its output's slot."""
+        t, a = self.t, self.a
+        T, H = self.b * q_len, self.spec.hidden_size
+        # the caller's ``hidden_states`` keeps the layer's input alive until the layer returns
+        x = self.norm(T * H)
+        y, weights = self.attention(i, layer, q_len, past, x, static_len, use_cache, masks)
+        if self.lay.sandwich_norms:
+            y2 = self.norm(T * H)
+            t.free(y)
+            y = y2
+        h1 = t.new(T * H * a)
+        t.free(y)
+        x2 = self.norm(T * H)  # post_attention_layernorm (Gemma: pre_feedforward_layernorm)
+        y = self.mlp(layer, T, x2)
+        if self.lay.sandwich_norms:
+            y2 = self.norm(T * H)
+            t.free(y)
+            y = y2
+        h = t.new(T * H * a)
+        t.free(y, h1, weights)
+        if h_in not in keep:
+            t.free(h_in)
+        return h
+
 
 _QK_NORM = ("qwen3", "qwen3_moe", "qwen3_next", "gemma3_text", "olmoe")
 
@@ -751,46 +1183,392 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES) -> d
     harness measures them (reset after the weights are loaded and ``empty_cache()``), tensors under
     ``min_bytes`` left out.
     """
-    alloc = CachingAllocator()
-    tape = _Tape(alloc, min_bytes)
-    for nbytes in parameter_bytes(spec, workload):
-        tape.new(nbytes)
+    alloc = CachingAllocator.restore(_weights_state(spec, workload, min_bytes))
     base = alloc.allocated
-    alloc.reset_peak()
-    run = _Run(spec, workload, tape)
+    replay = _Replay(spec, workload, min_bytes, alloc)
     b, V = workload.batch, spec.vocab_size
     peak_step = 0
+
+    def new(nbytes):
+        return alloc.malloc(nbytes) if nbytes >= min_bytes else None
+
     if workload.workload == "forward":
-        logits = run.forward(workload.context, 0, workload.context, use_cache=False)
-        tape.free(logits)
+        alloc.free(replay.forward(workload.context, 0, workload.context, use_cache=False))
     else:
         static = workload.cache_tokens if workload.cache == "static" else None
         prompt = workload.prompt_tokens
         eos = spec.config.get("eos_token_id") if spec.config else None
         past = 0
         prev_logits32 = prev_scores = None
-        for step in range(max(workload.new_tokens, 1)):
+        steps = max(workload.new_tokens, 1)
+        step = 0
+        seen: dict = {}  # allocator state at a decode step's start -> step, since sizes stopped growing
+        valid_to = float("inf")  # the past up to which the pieces those steps ran hold
+        while step < steps:
             q_len = prompt if step == 0 else 1
-            run.decoding = step > 0
+            replay.run.decoding = step > 0
+            if step > 1:
+                # Decode steps whose pieces allocate the same sizes at any past (a static cache, a full
+                # sliding window) and that bring the allocator back to a state it had p steps earlier
+                # repeat those p steps exactly, up to where the pieces' recordings stop holding: skip whole
+                # periods (their peaks were seen, so they set no new one).
+                state = replay.state(prev_logits32, prev_scores)
+                if state in seen:
+                    period = step - seen[state]
+                    skip = min(steps - step, replay.same_steps(past, valid_to)) // period * period
+                    if skip > 0:
+                        step += skip
+                        past += skip
+                        seen, valid_to = {}, float("inf")
+                        continue
+                seen[state] = step
+            replay.used = []
             before = alloc.peak_allocated
-            logits = run.forward(q_len, past, 1, use_cache=True, static_len=static)
+            logits = replay.forward(q_len, past, 1, use_cache=True, static_len=static)
             past += q_len
-            logits32 = tape.new(b * V * 4)  # logits[:, -1].to(float32, copy=True)
-            tape.free(prev_logits32)
+            logits32 = new(b * V * 4)  # logits[:, -1].to(float32, copy=True)
+            alloc.free(prev_logits32)
             prev_logits32 = logits32
             if eos is not None and workload.new_tokens > 1:  # min-length processor: clone, then where
-                clone = tape.new(b * V * 4)
-                scores = tape.new(b * V * 4)
-                tape.free(clone, prev_scores)
+                clone = new(b * V * 4)
+                scores = new(b * V * 4)
+                alloc.free(clone)
+                alloc.free(prev_scores)
                 prev_scores = scores
-            tape.free(logits)  # del outputs
+            alloc.free(logits)  # del outputs
             if alloc.peak_allocated > before:
                 peak_step = step
+            if step == 0 or any(t.sym for t in replay.used):
+                seen, valid_to = {}, float("inf")
+            else:
+                valid_to = min([valid_to] + [t.hi for t in replay.used])
+            step += 1
     return {
         "sim_allocated_bytes": alloc.peak_allocated - base,
         "sim_reserved_bytes": alloc.peak_reserved - base,
         "sim_peak_step": peak_step,
     }
+
+
+class _Template:
+    """A recorded piece of the program: ``ops`` on ``n`` slots, valid for past tokens in ``[lo, hi]``;
+    ``sym``: some sizes are ``(a, b)``, i.e. ``a + b * past``. ``out``: what the piece hands back."""
+
+    __slots__ = ("ops", "n", "lo", "hi", "sym", "out")
+
+    def __init__(self, ops: list, n: int, lo, hi, sym: bool, out):
+        self.ops, self.n, self.lo, self.hi, self.sym, self.out = ops, n, lo, hi, sym, out
+
+    def sized(self, x: int) -> list:
+        if not self.sym:
+            return self.ops
+        return [(s, z if s < 0 or z.__class__ is int else -(-(z[0] + z[1] * x) // 512) * 512) for s, z in self.ops]
+
+
+class _Step:
+    """A decode step flattened (``_Replay._flatten``): its ops, the slots that take each layer's cache
+    tensors in (``cache_in``: layer, slot, slot) and hand them out (``cache_out``: layer, slot, slot, tokens
+    held), the logits' slot."""
+
+    __slots__ = ("ops", "n", "lo", "hi", "sym", "cache_in", "cache_out", "logits", "sized")
+
+    def __init__(self, tmpl: _Template, cache_in: list, cache_out: list, logits):
+        self.ops, self.n, self.lo, self.hi, self.sym = tmpl.ops, tmpl.n, tmpl.lo, tmpl.hi, tmpl.sym
+        self.cache_in, self.cache_out, self.logits = cache_in, cache_out, logits
+        self.sized = tmpl.sized
+
+
+class _Replay:
+    """Runs the program of ``_Run`` on the allocator model. Each piece (a forward's frame, one layer) is
+    recorded once per shape and replayed for every layer and step it serves; a decode step's pieces are
+    recorded with a symbolic past (``_Sym``), so one recording serves every step whose comparisons answer
+    the same. The allocator sees exactly the requests the plain program makes, in the same order."""
+
+    def __init__(self, spec: ModelSpec, workload, min_bytes: int, alloc: CachingAllocator):
+        self.spec, self.min_bytes, self.alloc = spec, min_bytes, alloc
+        self.run = _Run(spec, workload, min_bytes)
+        self.cache: dict[int, list] = {}  # layer index -> [block, block, tokens held]
+        self.templates: dict[tuple, list] = {}
+        self.used: list = []  # the templates the current step ran
+        kinds: dict = {}
+        self._kind = [kinds.setdefault(layer, len(kinds)) for layer in spec.layers]  # a small key per layer
+
+    def same_steps(self, past: int, valid_to: float) -> float:
+        """How many decode steps from ``past`` on run the same pieces as the last ones, whose sizes do not
+        depend on the past and whose recordings hold up to ``valid_to``: up to there, or to the past at
+        which a cache's held tokens equal it (a layer's piece changes there)."""
+        end = valid_to + 1
+        for e in self.cache.values():
+            if e[2] >= past:
+                end = min(end, e[2])
+        return end - past
+
+    def state(self, *blocks) -> tuple:
+        """What the next step's allocations depend on besides the past: the free blocks, the live ones."""
+        alloc = self.alloc
+        live = [b for e in self.cache.values() for b in e[:2]] + list(blocks)
+        return (alloc.allocated, alloc.reserved, tuple(alloc._pools[False]), tuple(alloc._pools[True]),
+                tuple((b.ptr, b.size) if b is not None else None for b in live),
+                tuple(e[2] for e in self.cache.values()))
+
+    # ---- recording --------------------------------------------------------------------------------
+    def _template(self, key: tuple, x: int, symbolic: bool, record) -> _Template:
+        """The template for ``key`` valid at past ``x``, recorded if none is: ``record(past) -> out`` runs
+        the piece on ``self.run.t`` (a fresh tape), with a symbolic past when ``symbolic``."""
+        found = self.templates.get(key)
+        if found:
+            for tmpl in found:
+                if tmpl.lo <= x <= tmpl.hi:
+                    self.used.append(tmpl)
+                    return tmpl
+        tmpl = None
+        if symbolic:
+            conds: list = []
+            try:
+                tmpl = self._record(record, _Sym(0, 1, x, conds), x)
+                tmpl.lo, tmpl.hi = _valid_range(conds, x)
+            except _NotAffine:
+                tmpl = None
+        if tmpl is None:
+            tmpl = self._record(record, x, x)
+        self.templates.setdefault(key, []).append(tmpl)
+        self.used.append(tmpl)
+        return tmpl
+
+    def _record(self, record, past, x: int) -> _Template:
+        self.run.t = tape = _Tape(self.min_bytes)
+        out = record(past)
+        ops, sym = [], False
+        for s, z in tape.ops:
+            if s >= 0 and isinstance(z, _Sym):
+                a, b = z.a, z.b
+                if a != int(a) or b != int(b):
+                    raise _NotAffine  # int() of a fractional size is not affine
+                z = (int(a), int(b)) if b else int(a)
+                sym = sym or bool(b)
+            if s >= 0 and z.__class__ is int and z:
+                z = -(-z // 512) * 512  # the allocator's round_size, done once
+            ops.append((s, z))
+        if isinstance(out, tuple) and any(isinstance(v, _Sym) for v in out):
+            out = tuple((int(v.a), int(v.b)) if isinstance(v, _Sym) else v for v in out)
+        return _Template(ops, tape.n, x, x, sym, out)
+
+    # ---- running ----------------------------------------------------------------------------------
+    def forward(self, q_len: int, past: int, logits_positions: int, use_cache: bool, static_len=None):
+        """One forward (the prompt, a decode step or a whole forward pass); returns the logits' block."""
+        run = self.run
+        run.static_decode = static_len is not None and q_len == 1
+        symbolic = q_len == 1 and past > 0
+        if symbolic:
+            return self._step(q_len, past, logits_positions, use_cache, static_len)
+        frame = self._frame(q_len, past, logits_positions, use_cache, static_len, symbolic)
+        loc = [None] * frame.n
+        self._execute(frame.sized(past), loc, past, (q_len, static_len, use_cache, symbolic))
+        return loc[frame.out[0]] if frame.out[0] is not None else None
+
+    def _frame(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len, symbolic: bool):
+        run = self.run
+        key = ("frame", q_len, logits_positions, use_cache, static_len, run.decoding, run.static_decode)
+
+        def record(past):
+            return (run.frame(q_len, past, logits_positions, use_cache, static_len), run.static_decode)
+
+        return self._template(key, x, symbolic, record)
+
+    def _desc(self, i: int, x: int):
+        """What layer ``i``'s recording assumes of its cache: none, or which tensors are tracked and the
+        tokens it holds (the past itself, or a fixed number)."""
+        entry = self.cache.get(i)
+        if entry is None:
+            return None
+        held = entry[2]
+        return (entry[0] is not None, entry[1] is not None, "past" if held == x else held)
+
+    def _layer_template(self, i: int, layer: LayerSpec, x: int, q_len: int, static_len, use_cache: bool,
+                        symbolic: bool, small: bool, first: bool, desc) -> _Template:
+        run = self.run
+        key = ("layer", self._kind[i], small, q_len, static_len, use_cache, run.decoding, run.static_decode,
+               first, desc)
+
+        def record(past):
+            t = run.t
+            t.n = 3  # slots 0, 1, 2: the input hidden states, the cache's two tensors
+            if desc is None:
+                run.cache.pop(i, None)
+            else:
+                run.cache[i] = [1 if desc[0] else None, 2 if desc[1] else None,
+                                past if desc[2] == "past" else desc[2]]
+            if small:
+                run.cache_only_layer(i, layer.attention, past)
+                h_out = None
+            else:
+                # the masks are the frame's: a layer reads them and frees nothing of them
+                h_out = run.layer(i, layer, q_len, past, static_len, use_cache, {}, 0, [0] if first else [])
+            after = run.cache.get(i)
+            if after is None:
+                return (h_out, None, None, None)
+            return (h_out, after[0], after[1], after[2])
+
+        return self._template(key, x, symbolic, record)
+
+    def _step(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len):
+        """A decode step as one flat list of ops over every layer (``_Step``), built once and run for
+        every step its pieces hold for: no per-layer bookkeeping between the allocator's requests."""
+        run = self.run
+        descs = tuple(self._desc(i, x) for i in range(len(self.spec.layers)))
+        key = ("step", q_len, logits_positions, use_cache, static_len, run.decoding, run.static_decode, descs)
+        step = None
+        for cand in self.templates.get(key, ()):
+            if cand.lo <= x <= cand.hi:
+                step = cand
+                break
+        if step is None:
+            step = self._flatten(q_len, x, logits_positions, use_cache, static_len, descs)
+            if step is None:  # a piece with a loop in it: run it piece by piece
+                frame = self._frame(q_len, x, logits_positions, use_cache, static_len, True)
+                loc = [None] * frame.n
+                self._execute(frame.sized(x), loc, x, (q_len, static_len, use_cache, True))
+                return loc[frame.out[0]] if frame.out[0] is not None else None
+            self.templates.setdefault(key, []).append(step)
+        self.used.append(step)
+        loc = [None] * step.n
+        cache = self.cache
+        for i, s0, s1 in step.cache_in:
+            entry = cache[i]
+            loc[s0], loc[s1] = entry[0], entry[1]
+        self.alloc.run(step.sized(x), loc)
+        for i, s0, s1, held in step.cache_out:
+            if held.__class__ is tuple:
+                held = held[0] + held[1] * x
+            cache[i] = [loc[s0] if s0 is not None else None, loc[s1] if s1 is not None else None, held]
+        return loc[step.logits] if step.logits is not None else None
+
+    def _flatten(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len, descs):
+        """The frame's ops with every layer's ops spliced in at its layers op, slots renumbered; None when
+        a piece has a loop (``_Repeat``). Valid for the pasts every piece holds for."""
+        run = self.run
+        frame = self._frame(q_len, x, logits_positions, use_cache, static_len, True)
+        small = run.small_step(q_len, use_cache, static_len)
+        n = frame.n
+        rename = {s: s for s in range(frame.n)}
+        ops, lo, hi, sym = [], frame.lo, frame.hi, frame.sym
+        cache_in, cache_out = [], []
+        for s, z in frame.ops:
+            if s == -1:
+                return None
+            if s >= 0:
+                ops.append((rename[s], z))
+                continue
+            h, kept, out = z
+            h = rename[h] if h is not None else None
+            for i, layer in enumerate(self.spec.layers):
+                desc = descs[i]
+                tmpl = self._layer_template(i, layer, x, q_len, static_len, use_cache, True, small,
+                                            kept and i == 0, desc)
+                if any(ts == -1 for ts, _ in tmpl.ops):
+                    return None
+                lo, hi, sym = max(lo, tmpl.lo), min(hi, tmpl.hi), sym or tmpl.sym
+                local = {0: h}
+                if desc is not None:
+                    local[1], local[2] = n, n + 1
+                    cache_in.append((i, n, n + 1))
+                    n += 2
+                for ls in range(3, tmpl.n):
+                    local[ls] = n
+                    n += 1
+                for ts, tz in tmpl.ops:
+                    ops.append((local[ts], tz))
+                h_out, s0, s1, held = tmpl.out
+                h = local[h_out] if h_out is not None else None
+                if s0 is not None or s1 is not None or held is not None:
+                    cache_out.append((i, local.get(s0) if s0 is not None else None,
+                                      local.get(s1) if s1 is not None else None, held))
+                else:
+                    cache_out.append((i, None, None, None))
+            rename[out] = h if h is not None else out
+        ops = [(s, z) for s, z in ops if s is not None]  # frees of an untracked input
+        logits = frame.out[0]
+        return _Step(_Template(ops, n, lo, hi, sym, None), cache_in, cache_out,
+                     rename[logits] if logits is not None else None)
+
+    def _layers(self, h, kept: bool, x: int, q_len: int, static_len, use_cache: bool, symbolic: bool):
+        small = self.run.small_step(q_len, use_cache, static_len)
+        for i, layer in enumerate(self.spec.layers):
+            entry = self.cache.get(i)
+            tmpl = self._layer_template(i, layer, x, q_len, static_len, use_cache, symbolic, small,
+                                        kept and i == 0, self._desc(i, x))
+            lloc = [h, entry[0] if entry else None, entry[1] if entry else None] + [None] * (tmpl.n - 3)
+            self._execute(tmpl.sized(x), lloc, x, None)
+            h_out, s0, s1, held = tmpl.out
+            h = lloc[h_out] if h_out is not None else None
+            if s0 is None and s1 is None and held is None:
+                self.cache.pop(i, None)
+            else:
+                if held.__class__ is tuple:
+                    held = held[0] + held[1] * x
+                self.cache[i] = [lloc[s0] if s0 is not None else None, lloc[s1] if s1 is not None else None, held]
+        return h
+
+    def _execute(self, ops: list, loc: list, x: int, frame) -> None:
+        run, n, i = self.alloc.run, len(ops), 0
+        while True:
+            i = run(ops, loc, i)
+            if i == n:
+                return
+            slot, arg = ops[i]
+            if slot == -2:  # the layers
+                h, kept, out = arg
+                loc[out] = self._layers(loc[h] if h is not None else None, kept, x, *frame)
+            else:
+                self._repeat(arg, loc, x)
+            i += 1
+
+    def _repeat(self, rep: "_Repeat", loc: list, x: int) -> None:
+        """``rep.count`` iterations of its body. The body allocates the same sizes each time and touches
+        no block but its own and the loop-carried ones, so the allocator's state at an iteration's start
+        (its free blocks, the carried blocks) decides everything after it. Once that state equals the
+        state ``p`` iterations earlier, the iterations cycle with period ``p`` (a carried tensor is made
+        before its predecessor is freed, so two places alternate: p = 2) and the peaks are already seen:
+        skip whole periods, run the rest."""
+        alloc = self.alloc
+        pools = alloc._pools
+        seen: dict = {}
+        left = rep.count
+        while left:
+            state = (alloc.allocated, alloc.reserved, tuple(pools[False]), tuple(pools[True]),
+                     tuple((loc[i].ptr, loc[i].size) for i, _ in rep.carry if loc[i] is not None))
+            if state in seen:
+                left %= seen[state] - left  # the period
+                seen = {}
+                if not left:
+                    break
+            else:
+                seen[state] = left
+            self._execute(rep.body, loc, x, None)
+            for i, o in rep.carry:
+                loc[i] = loc[o]
+            left -= 1
+
+
+_WEIGHTS: dict[int, tuple] = {}  # id(spec) -> (spec, {(dtype, min_bytes): allocator snapshot})
+
+
+def _weights_state(spec: ModelSpec, workload, min_bytes: int) -> tuple:
+    """The allocator after loading the weights (``parameter_bytes``), computed once per model and dtype."""
+    entry = _WEIGHTS.get(id(spec))
+    if entry is None or entry[0] is not spec:
+        if len(_WEIGHTS) > 256:
+            _WEIGHTS.clear()
+        entry = _WEIGHTS[id(spec)] = (spec, {})
+    key = (workload.dtype, min_bytes)
+    snap = entry[1].get(key)
+    if snap is None:
+        alloc = CachingAllocator()
+        for nbytes in parameter_bytes(spec, workload):
+            if nbytes >= min_bytes:
+                alloc.malloc(nbytes)
+        snap = entry[1][key] = alloc.snapshot()
+    return snap
 
 
 def parameter_bytes(spec: ModelSpec, workload) -> list[int]:
@@ -809,15 +1587,17 @@ def parameter_bytes(spec: ModelSpec, workload) -> list[int]:
             if lay.fused_qkv:
                 out.append(H * (nh * d + nkv * (d + dv)) * w)
             else:
-                out += [H * nh * d * w, H * nkv * d * w, H * nkv * dv * w]
+                q_width = nh * d * (2 if lay.gated_attention else 1)  # Qwen3-Next: query and gate
+                out += [H * q_width * w, H * nkv * d * w, H * nkv * dv * w]
             out.append(nh * dv * H * w)
         elif att.kind == "mla":
             out += [H * (att.kv_lora_rank + att.qk_rope_head_dim) * w,
                     att.kv_lora_rank * att.num_heads * (att.head_dim - att.qk_rope_head_dim + att.v_head_dim) * w,
                     att.num_heads * att.v_head_dim * H * w, H * att.num_heads * att.head_dim * w]
-        else:
+        else:  # gated delta-net: in_proj_qkvz, in_proj_ba, out_proj
+            key_width = (att.num_kv_heads or att.num_heads) * att.head_dim
             width = max(att.num_heads * (att.v_head_dim or att.head_dim), 1)
-            out += [H * 3 * width * w, width * H * w]
+            out += [H * (2 * key_width + 2 * width) * w, H * 2 * att.num_heads * w, width * H * w]
         if m.kind == "dense":
             if lay.fused_gate_up:
                 out += [2 * H * m.intermediate_size * w, m.intermediate_size * H * w]

@@ -108,3 +108,85 @@ def test_moe_decode_gathers_expert_weights():
     one = simulate(spec, Workload(context=64, batch=8, new_tokens=2))["sim_allocated_bytes"]
     gathered = 8 * m.top_k * 3 * m.intermediate_size * spec.hidden_size * 2
     assert one >= gathered
+
+
+def _random_program(seed: int, ops: int = 400) -> tuple[list, int]:
+    """Requests and frees over slots, sizes from the small pool, the 20 MiB segments and the large ones."""
+    import random
+
+    rng = random.Random(seed)
+    program, live, slots = [], [], 0
+    for _ in range(ops):
+        if live and rng.random() < 0.45:
+            program.append((live.pop(rng.randrange(len(live))), 0))
+        else:
+            size = rng.choice([rng.randrange(1, 2 * MIB), rng.randrange(MIB, 30 * MIB), rng.randrange(10 * MIB, 300 * MIB)])
+            program.append((slots, size))
+            live.append(slots)
+            slots += 1
+    return program, slots
+
+
+def _stats(a: CachingAllocator) -> tuple:
+    return a.allocated, a.reserved, a.peak_allocated, a.peak_reserved, a.segments, tuple(a._pools[False])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_inlined_replay_loop_is_malloc_and_free(seed):
+    """``run`` (the replay's hot loop, malloc and free inlined) ends in the same state as the methods."""
+    program, slots = _random_program(seed)
+    one = CachingAllocator()
+    blocks = [None] * slots
+    for slot, size in program:
+        if size:
+            blocks[slot] = one.malloc(size)
+        else:
+            one.free(blocks[slot])
+    other = CachingAllocator()
+    assert other.run([(s, round_size(z) if z else 0) for s, z in program], [None] * slots) == len(program)
+    assert _stats(one) == _stats(other)
+
+
+def test_run_stops_at_the_callers_ops():
+    a = CachingAllocator()
+    loc = [None] * 2
+    ops = [(0, 20 * MIB), (-1, "loop"), (1, 30 * MIB), (0, 0)]
+    assert a.run(ops, loc) == 1 and a.allocated == 20 * MIB
+    assert a.run(ops, loc, 2) == 4 and a.allocated == 30 * MIB
+
+
+def test_restored_weights_behave_like_the_loaded_ones():
+    """``snapshot``/``restore`` keep only the free tails of the weights' segments (their other blocks are
+    never freed): a run continued from the restored state matches one continued from the original."""
+    program, slots = _random_program(7)
+    weights = [3 * MIB, 40 * MIB, 700 * 1024, 12 * MIB + 512, 25 * MIB]
+    loaded = CachingAllocator()
+    for nbytes in weights:
+        loaded.malloc(nbytes)
+    restored = CachingAllocator.restore(loaded.snapshot())
+    loaded.reset_peak()
+    for a in (loaded, restored):
+        blocks = [None] * slots
+        for slot, size in program:
+            if size:
+                blocks[slot] = a.malloc(size)
+            else:
+                a.free(blocks[slot])
+    assert _stats(loaded) == _stats(restored)
+
+
+def test_symbolic_sizes_hold_where_their_comparisons_do():
+    """A decode step is recorded once with the past tokens as a symbol; its comparisons bound the pasts
+    the recording serves (``_valid_range``), e.g. a mask that exists once the past reaches a window."""
+    from estimator.program import _Sym, _valid_range
+
+    conds: list = []
+    past = _Sym(0, 1, 100, conds)
+    kv = past + 1
+    assert (kv >= 4096) is False  # the window is not full yet
+    assert (kv * 2048 < MIB + 1) is True  # a tensor of 2 KiB per token stays under the tracked size
+    lo, hi = _valid_range(conds, 100)
+    assert hi == min(4094, (MIB + 1 - 1) // 2048 - 1) and lo == float("-inf")
+    conds.clear()
+    assert (min(past + 1, 4095) == 4095) is False
+    assert _valid_range(conds, 100) == (float("-inf"), 4093)

@@ -133,6 +133,26 @@ def test_max_context_and_max_batch_are_the_largest_that_fit():
     assert estimate(spec, Workload(context=4096, batch=b + 1)).high_bytes > h100
 
 
+def test_inversion_is_conservative_where_the_estimate_is_not_monotone():
+    """The allocator model's reserve jumps between neighbouring contexts (qwen3-0.6b at batch 32 on an L4:
+    contexts 3408, 3440, 3472... do not fit while 3412, 3444... do). A bisection alone stops at a context
+    that fits above shorter ones that do not; the answer must fit, and so must the window below it."""
+    from estimator.estimate import BATCH_WINDOW, CONTEXT_WINDOW
+
+    def high(spec, context: int, batch: int) -> int:
+        return estimate(spec, Workload(context=context, batch=batch, new_tokens=16)).high_bytes
+
+    spec, memory = load_model("qwen3-0.6b"), find_gpu("L4").memory_bytes
+    best = max_context(spec, Workload(context=100, batch=32, new_tokens=16), "L4")["max_context"]
+    assert all(high(spec, m, 32) <= memory for m in range(best - CONTEXT_WINDOW, best + 1))
+    assert high(spec, best + 1, 32) > memory
+    # batch 219 does not fit at 1024 tokens on a T4, 223 does
+    spec, memory = load_model("qwen2.5-0.5b"), find_gpu("T4").memory_bytes
+    b = max_batch(spec, Workload(context=1024, new_tokens=16), "T4")["max_batch"]
+    assert all(high(spec, 1024, n) <= memory for n in range(b - BATCH_WINDOW, b + 1))
+    assert high(spec, 1024, b + 1) > memory
+
+
 def test_max_context_stops_at_the_models_positions():
     spec = load_model("gpt2")  # 1024 positions; fits any listed GPU
     assert max_context(spec, Workload(context=1, new_tokens=0), "H200")["max_context"] == 1024
