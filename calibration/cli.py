@@ -41,17 +41,25 @@ def register(subparsers) -> None:
                                                                  "(includes leave-one-model-out)")
     v.add_argument("--json", action="store_true", help="print one JSON object: summary, subgroups, rows")
     v.add_argument("--cv", action="store_true", help="also refit leave-one-model-out and report those errors")
+    v.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda: GPU records against the estimate's total (default); cpu: CPU tracker records "
+                        "(live tensor bytes) against the estimate's allocated peak without the cuBLAS workspace")
     v.set_defaults(func=_validate)
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load(paths):
+def _require(report: bool = False) -> None:
+    """The calibration extra's modules, checked before any work: a missing one is one line naming the extra."""
     from estimator.errors import require_extra
 
-    require_extra("pandas", "calibration")
-    require_extra("scipy", "calibration")
+    for module in ("pandas", "numpy", "scipy", "jsonschema", "tqdm") + (("matplotlib",) if report else ()):
+        require_extra(module, "calibration")
+
+
+def _load(paths):
+    _require()
     from calibration.data import frame, read_sources
 
     records, sources = read_sources(paths)
@@ -77,17 +85,33 @@ def _rounded(d: dict, digits: int = 6) -> dict:
     return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in d.items()}
 
 
+CPU_HINT = ("CPU records measure live tensor bytes, with no NVML peak, reserve or CUDA context to fit GPU "
+            "coefficients on; score them with `vramcal validate --device cpu`")
+
+
+def _cpu_left_out(left_out: dict) -> int:
+    return int(left_out.get("device cpu", 0))
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import datetime as dt
 
+    from estimator.errors import UserError
+    from estimator.gpus import find_gpu
+    from estimator.paths import check_output_file
+
+    out = check_output_file(args.out, "--out")  # before the fit, which a bad path would throw away
+    if args.framework == "vllm":  # vLLM start-up records: calibration/vllm_fit.py
+        from calibration.vllm_fit import calibrate_cli
+
+        return calibrate_cli(args)
+    gpu = find_gpu(args.gpu).name if args.gpu else None
+    _require()
     from calibration.data import usable
     from calibration.fit import SeedFormula, StructuredModel
     from calibration.validate import lomo, meets_goal, summary
-    from estimator.errors import UserError
-    from estimator.gpus import find_gpu
 
     df, sources = _load(args.records)
-    gpu = find_gpu(args.gpu).name if args.gpu else None
     if gpu is None:
         gpus = sorted({g for g in df.loc[(df.get("device") == "cuda") & (df["framework"] == args.framework), "gpu"]
                        .dropna()})
@@ -96,6 +120,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         gpu = gpus[0] if gpus else None
     data, left_out = usable(df, args.framework, gpu)
     if data.empty:
+        if _cpu_left_out(left_out):
+            raise UserError(f"no GPU records to fit in {', '.join(args.records)}: {_cpu_left_out(left_out)} "
+                            f"CPU record(s) left out; {CPU_HINT}")
         raise UserError(f"no usable {args.framework} records on {gpu or 'a GPU'} in {', '.join(args.records)} "
                         f"(left out: {left_out or 'none'})")
     model = StructuredModel().fit(data)
@@ -134,12 +161,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     }
     coef = model.coefficients(framework=args.framework, gpu=gpu, source=str(args.out), provenance=provenance)
     data_out = coef.to_json()
-    data_out["interval"] = _rounded(dict(model.interval_))
-    out = Path(args.out)
+    data_out["interval"] = _rounded(interval_entry(model.interval_, figures.get("summary")))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data_out, indent=2) + "\n")
     ins = residuals["in_sample"]
     print(f"wrote {out}: {len(data)} records ({framework_gpu}), left out {left_out or 'none'}")
+    if _cpu_left_out(left_out):
+        print(f"  {CPU_HINT}")
     for name in model.fitted_:
         value = model.coef_[name]
         shown = f"{value / 2**20:.1f} MiB" if name.endswith("_bytes") else f"{value:.4f}"
@@ -157,28 +185,50 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def interval_entry(interval: dict, lomo_summary: dict | None) -> dict:
+    """The interval as the coefficients file states it. ``coverage`` is the held-out figure: the fraction
+    of records inside the interval when each model is predicted, point and interval, by a fit without it
+    (``leave_one_model_out.summary.interval_coverage``, the figure the README quotes); None without the
+    leave-one-model-out figures (--no-cv, one model). ``StructuredModel.interval_["coverage"]`` is the
+    fraction of the residuals the interval was cut from that fall inside it: at least the target by
+    construction (the conformal rank), so it says nothing about a model the fit has not seen."""
+    entry = {k: v for k, v in interval.items() if k != "coverage"}
+    held_out = (lomo_summary or {}).get("interval_coverage")
+    return {"low": entry.pop("low"), "high": entry.pop("high"), "coverage": held_out, **entry}
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
-def validation(paths, coefficients: str | None = None, cv: bool = False, progress: bool = True):
-    """(result dict, rows frame) of ``vramcal validate``; the rows frame feeds the report's figures."""
+def validation(paths, coefficients: str | None = None, cv: bool = False, progress: bool = True,
+               device: str = "cuda"):
+    """(result dict, rows frame) of ``vramcal validate``; the rows frame feeds the report's figures.
+
+    ``device="cpu"`` scores CPU tracker records instead (``cpu_validation``)."""
+    _require()
     import pandas as pd
 
     from calibration.data import usable
     from calibration.fit import SeedFormula, StructuredModel, WeightsTimes
     from calibration.validate import lomo, meets_goal, predict_with, rows_frame, summarize, summary
     from estimator.coefficients import load_coefficients, select_coefficients
+    from estimator.errors import UserError
 
-    df, sources = _load(paths)
-    data, left_out = usable(df)
-    if data.empty:
-        from estimator.errors import UserError
-
-        raise UserError(f"no usable records in {', '.join(map(str, paths))} (left out: {left_out or 'none'})")
     fixed = load_coefficients(coefficients) if coefficients else None
 
     def coefficients_for(row):
         return fixed or select_coefficients(row["framework"], row["gpu"])
+
+    df, sources = _load(paths)
+    if device == "cpu":
+        return cpu_validation(df, sources, coefficients_for, paths)
+    data, left_out = usable(df)
+    if data.empty:
+        if _cpu_left_out(left_out):
+            raise UserError(f"no GPU records in {', '.join(map(str, paths))}: {_cpu_left_out(left_out)} CPU "
+                            "record(s), which validate scores with --device cpu (live tensor bytes against the "
+                            "estimate's allocated peak)")
+        raise UserError(f"no usable records in {', '.join(map(str, paths))} (left out: {left_out or 'none'})")
 
     total, low, high, parts = predict_with(coefficients_for, data)
     rows = rows_frame(data, total, low, high)
@@ -228,6 +278,30 @@ def validation(paths, coefficients: str | None = None, cv: bool = False, progres
     return result, rows
 
 
+def cpu_validation(df, sources, coefficients_for, paths):
+    """CPU tracker records scored against the estimate of what the tracker measures (``estimator.compare``):
+    ``peak_allocated_bytes`` against the estimate's allocated peak less ``workspace_bytes``. No interval
+    (it is a GPU's NVML figure) and no leave-one-model-out (nothing is fitted on CPU records)."""
+    from calibration.data import usable
+    from calibration.validate import predict_with, rows_frame, summarize
+    from estimator.compare import MEASURED, cpu_allocated_bytes
+    from estimator.errors import UserError
+
+    data, left_out = usable(df, device="cpu")
+    if data.empty:
+        raise UserError(f"no usable CPU records in {', '.join(map(str, paths))} (left out: {left_out or 'none'})")
+    _, _, _, parts = predict_with(coefficients_for, data)
+    workspace = [coefficients_for(row).for_attn(row.get("attn_implementation")).get("workspace_bytes", 0.0)
+                 for _, row in data.iterrows()]
+    predicted = [cpu_allocated_bytes(a, {"workspace_bytes": w}) for a, w in zip(parts["allocated"], workspace)]
+    rows = rows_frame(data, predicted, measured=MEASURED["cpu"], column="pred_cpu_allocated_bytes")
+    rows["coefficients"] = parts["coefficients"]
+    result = summarize(rows)
+    result.update({"device": "cpu", "measured": MEASURED["cpu"], "left_out": left_out, "sources": sources,
+                   "coefficients_used": sorted({_relative(c) for c in rows["coefficients"]})})
+    return result, rows
+
+
 def _relative(path: str) -> str:
     """A path relative to the working directory when it lies below it (reports stay portable)."""
     import os
@@ -242,7 +316,8 @@ def _relative(path: str) -> str:
 ROW_FIELDS = ("model", "workload", "attn_implementation", "dtype", "batch_size", "prompt_tokens", "new_tokens",
               "context", "peak_allocated_bytes", "peak_reserved_bytes", "peak_nvml_bytes", "pred_total_bytes",
               "pred_allocated_bytes", "pred_reserved_bytes", "low_bytes", "high_bytes", "covered", "error",
-              "coefficients", "lomo_total_bytes", "lomo_error", "lomo_low_bytes", "lomo_high_bytes")
+              "coefficients", "lomo_total_bytes", "lomo_error", "lomo_low_bytes", "lomo_high_bytes",
+              "pred_cpu_allocated_bytes")
 
 
 def _jsonable(v):
@@ -254,8 +329,21 @@ def _jsonable(v):
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from estimator.errors import UserError
+    from estimator.paths import check_output_dir
+    from calibration.vllm_fit import only_vllm_records, validate_cli
+
+    if only_vllm_records(args.records):  # vLLM start-up records: the start-up model's check
+        return validate_cli(args)
+
+    if args.device == "cpu" and (args.cv or args.report):
+        raise UserError("--cv and --report score GPU records (NVML peaks, the fitted interval); with --device "
+                        "cpu, validate prints the summary (or --json)")
+    if args.report:
+        check_output_dir(args.report, "--report")  # before the work, which a bad path would throw away
+    _require(report=bool(args.report))
     result, rows = validation(args.records, args.coefficients, cv=args.cv or bool(args.report),
-                              progress=not args.json)
+                              progress=not args.json, device=args.device)
     if args.report:
         from calibration.report import write_report
 
@@ -279,9 +367,14 @@ def _print_summary(result: dict) -> None:
               f"{100 * s['p90_abs_error']:5.2f}%  worst under {100 * s['worst_underestimate']:+6.2f}%  coverage "
               + (f"{100 * cov:5.1f}%" if cov is not None else "  n/a"))
 
+    if result.get("device") == "cpu":
+        print("CPU records: peak_allocated_bytes (live tensor bytes) against the estimate's allocated peak "
+              "without the cuBLAS workspace")
     print(f"coefficients: {', '.join(result['coefficients_used'])}")
     if result["left_out"]:
         print(f"left out: {result['left_out']}")
+    if result.get("device") != "cpu" and _cpu_left_out(result["left_out"]):
+        print("  the CPU records: score them with `vramcal validate --device cpu`")
     line("all records", result["summary"])
     for name, groups in result["subgroups"].items():
         for key, s in groups.items():

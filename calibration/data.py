@@ -119,19 +119,24 @@ def features_of(row) -> dict[str, float]:
     return out
 
 
-def usable(df, framework: str | None = None, gpu: str | None = None):
+def usable(df, framework: str | None = None, gpu: str | None = None, device: str = "cuda"):
     """Split ``df`` into the rows a fit can use and a count of the rest by reason.
 
-    Left out: status oom/error (their peak is not a completed case's), CPU tracker records (no NVML),
-    another framework or GPU than asked, records whose config the estimator cannot read.
+    Left out: status oom/error (their peak is not a completed case's), records of another device than
+    ``device`` (by default CPU tracker records: no NVML peak, reserve or context to fit GPU coefficients
+    on), another framework or GPU than asked, records whose config the estimator cannot read, records
+    without the measured peak (``estimator.compare.MEASURED``). A context beyond the model's positions is
+    never a reason: what was measured is scored.
     """
     import pandas as pd
+
+    from estimator.compare import MEASURED
 
     reasons = pd.Series("", index=df.index, dtype=object)
     status = df.get("status", pd.Series("ok", index=df.index))
     reasons[status != "ok"] = "status " + status[status != "ok"].astype(str)
-    device = df.get("device", pd.Series("cuda", index=df.index))
-    reasons[(reasons == "") & (device != "cuda")] = "device " + device.astype(str)
+    devices = df.get("device", pd.Series("cuda", index=df.index))
+    reasons[(reasons == "") & (devices != device)] = "device " + devices.astype(str)
     if framework:
         reasons[(reasons == "") & (df["framework"] != framework)] = "framework " + df["framework"].astype(str)
     if gpu:
@@ -139,9 +144,9 @@ def usable(df, framework: str | None = None, gpu: str | None = None):
     if "terms_error" in df:
         bad = (reasons == "") & df["terms_error"].notna()
         reasons[bad] = "config unreadable"
-    nvml = df.get("peak_nvml_bytes")
-    if nvml is not None:
-        reasons[(reasons == "") & nvml.isna()] = "no peak_nvml_bytes"
+    measured = df.get(MEASURED[device])
+    if measured is not None:
+        reasons[(reasons == "") & measured.isna()] = f"no {MEASURED[device]}"
     keep = df[reasons == ""].copy()
     left_out = reasons[reasons != ""].value_counts().to_dict()
     return keep, {str(k): int(v) for k, v in left_out.items()}

@@ -56,15 +56,20 @@ def meets_goal(s: dict) -> dict[str, bool]:
     return out
 
 
-def rows_frame(df, predicted, low=None, high=None, prefix: str = "pred"):
-    """The per-record table: case fields, measured and predicted bytes, error, interval."""
+def rows_frame(df, predicted, low=None, high=None, prefix: str = "pred", measured: str = "peak_nvml_bytes",
+               column: str | None = None):
+    """The per-record table: case fields, measured and predicted bytes, error, interval.
+
+    ``predicted`` goes into ``column`` (default ``{prefix}_total_bytes``); the error is relative to the
+    ``measured`` column (``peak_nvml_bytes``; ``peak_allocated_bytes`` for CPU records)."""
     import pandas as pd
 
     cols = ["model", "workload", "attn_implementation", "dtype", "batch_size", "prompt_tokens", "new_tokens",
             "context", "peak_allocated_bytes", "peak_reserved_bytes", "peak_nvml_bytes"]
+    column = column or f"{prefix}_total_bytes"
     out = df[[c for c in cols if c in df]].copy()
-    out[f"{prefix}_total_bytes"] = pd.Series(predicted, index=df.index)
-    out["error"] = (out[f"{prefix}_total_bytes"] - out["peak_nvml_bytes"]) / out["peak_nvml_bytes"]
+    out[column] = pd.Series(predicted, index=df.index)
+    out["error"] = (out[column] - out[measured]) / out[measured]
     if low is not None:
         out["low_bytes"] = pd.Series(low, index=df.index)
         out["high_bytes"] = pd.Series(high, index=df.index)

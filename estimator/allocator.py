@@ -20,9 +20,11 @@ Constants and rules from ``c10/cuda/CUDACachingAllocator.cpp`` (torch 2.4-2.11, 
   whole block is handed out and counts as allocated;
 - a freed block merges with free neighbours of the same segment.
 
-Pure Python, no torch. Addresses are virtual: each segment starts far from the previous one. A pool is
-a sorted list of integer keys ``size << 96 | address`` (one C-level bisect per request) next to a dict
-from address to block; a replay makes millions of requests, so this is the estimator's hot loop.
+Pure Python, no torch. Addresses are virtual: each segment starts 16 TiB or more past the previous one's
+end, so no two blocks ever share one. A pool is a sorted list of integer keys ``size << 96 | address``
+(one C-level bisect per request) next to a dict from address to block; a replay makes millions of
+requests, so this is the estimator's hot loop. ``estimator/_replay.c`` is the same model in C (optional;
+this one is the reference it is tested against, request by request).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ SMALL_BUFFER = 2 << 20
 MIN_LARGE_ALLOC = 10 << 20
 LARGE_BUFFER = 20 << 20
 ROUND_LARGE = 2 << 20
-_SEGMENT_GAP = 1 << 44  # virtual distance between segments: blocks of two segments never touch
+_SEGMENT_GAP = 1 << 44  # segments start at multiples of this, past the previous one's end (``_segment``)
 _SHIFT = 96  # pool key: size << _SHIFT | address (addresses stay far below 2**96)
 _ADDRESS = (1 << _SHIFT) - 1
 
@@ -78,6 +80,21 @@ class CachingAllocator:
         self.peak_reserved = 0
         self.segments = 0
 
+    def _segment(self, size: int, small: bool) -> _Block:
+        """A new segment (``cudaMalloc``) for a rounded request, as one free block; ``malloc`` splits it.
+
+        Its address is a multiple of ``_SEGMENT_GAP`` past the end of every earlier segment, however large
+        they were: a segment of 16 TiB or more (a batch of 2**18 sequences) must not overlap the next ones,
+        or two blocks share an address, the key of ``_free``, and the pool and ``_free`` disagree."""
+        seg = segment_size(size)
+        block = _Block(self._next_ptr, seg, small)
+        self._next_ptr += (seg // _SEGMENT_GAP + 1) * _SEGMENT_GAP
+        self.reserved += seg
+        self.segments += 1
+        if self.reserved > self.peak_reserved:
+            self.peak_reserved = self.reserved
+        return block
+
     def malloc(self, nbytes: int) -> _Block | None:
         if nbytes <= 0:
             return None
@@ -88,13 +105,7 @@ class CachingAllocator:
         if i < len(pool):
             block = self._free.pop(pool.pop(i) & _ADDRESS)
         else:
-            seg = segment_size(size)
-            block = _Block(self._next_ptr, seg, small)
-            self._next_ptr += _SEGMENT_GAP
-            self.reserved += seg
-            self.segments += 1
-            if self.reserved > self.peak_reserved:
-                self.peak_reserved = self.reserved
+            block = self._segment(size, small)
         rest = block.size - size
         if (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE):
             tail = _Block(block.ptr + size, rest, small)
@@ -138,11 +149,12 @@ class CachingAllocator:
         insort(pool, block.size << _SHIFT | block.ptr)
         free[block.ptr] = block
 
-    def run(self, ops: list, loc: list, start: int = 0) -> int:
+    def run(self, ops: list, loc: list, start: int = 0, x: int = 0) -> int:
         """Replay ``ops[start:]``: ``(slot, size)`` is ``loc[slot] = malloc(size)`` for a size already rounded
-        (``round_size``), ``(slot, 0)`` is ``free(loc[slot])``; stops at the first op whose slot is negative
-        (the caller's) and returns its index, or ``len(ops)``. ``malloc`` and ``free`` inlined: this loop is
-        the replay's hot path."""
+        (``round_size``), ``(slot, (a, b))`` the same for ``round_size(a + b * x)`` (a decode step's size at
+        ``x`` past tokens), ``(slot, 0)`` is ``free(loc[slot])``; stops at the first op whose slot is negative
+        (the caller's) and returns its index, or ``len(ops)``. ``malloc`` and ``free`` inlined (but a new segment,
+        which is rare): this loop is the replay's hot path."""
         pools, free_at = self._pools, self._free
         large, small_pool = pools[False], pools[True]
         allocated, peak = self.allocated, self.peak_allocated
@@ -153,6 +165,8 @@ class CachingAllocator:
             if slot < 0:
                 break
             i += 1
+            if nbytes.__class__ is tuple:
+                nbytes = -(-(nbytes[0] + nbytes[1] * x) // MIN_BLOCK) * MIN_BLOCK
             if nbytes:  # malloc
                 size = nbytes
                 small = size <= SMALL_SIZE
@@ -161,13 +175,7 @@ class CachingAllocator:
                 if j < len(pool):
                     block = free_at.pop(pool.pop(j) & _ADDRESS)
                 else:
-                    seg = segment_size(size)
-                    block = _Block(self._next_ptr, seg, small)
-                    self._next_ptr += _SEGMENT_GAP
-                    self.reserved += seg
-                    self.segments += 1
-                    if self.reserved > self.peak_reserved:
-                        self.peak_reserved = self.reserved
+                    block = self._segment(size, small)
                 rest = block.size - size
                 if (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE):
                     tail = _Block(block.ptr + size, rest, small)
@@ -214,6 +222,38 @@ class CachingAllocator:
                 free_at[block.ptr] = block
         self.allocated, self.peak_allocated = allocated, peak
         return i
+
+    def decode(self, ops: list, loc: list, keep: list, x: int, k: int) -> int:
+        """``k`` decode steps at pasts ``x, x + 1, ...``: each sets the slots not in ``keep`` to None, runs
+        ``ops`` (``run``'s ops, then moves ``(-3, (dst, src))``: ``loc[dst] = loc[src]``, None for ``src``
+        -1) and notes whether the peak allocated rose. Returns the last step (from 0) that raised it, or -1.
+        ``program._Replay.fast_steps`` builds the ops; ``estimator/_replay.c`` loops the same in C."""
+        kept = set(keep)
+        clear = [i for i in range(len(loc)) if i not in kept]
+        first = len(ops)
+        while first and ops[first - 1][0] == -3:
+            first -= 1
+        moves = [(dst, src) for _, (dst, src) in ops[first:]]
+        body = ops[:first]
+        run = self.run
+        last = -1
+        for j in range(k):
+            before = self.peak_allocated
+            for i in clear:
+                loc[i] = None
+            if run(body, loc, 0, x + j) != first:
+                raise ValueError("decode: a move before the step's end")
+            for dst, src in moves:
+                loc[dst] = loc[src] if src >= 0 else None
+            if self.peak_allocated > before:
+                last = j
+        return last
+
+    def state(self, blocks) -> tuple:
+        """What the allocator's next requests depend on: the counters, the free blocks of both pools and
+        ``(address, size)`` of each of ``blocks`` (None stays None); equal states replay equally."""
+        return (self.allocated, self.reserved, tuple(self._pools[False]), tuple(self._pools[True]),
+                tuple((b.ptr, b.size) if b is not None else None for b in blocks))
 
     def reset_peak(self) -> None:
         """``torch.cuda.reset_peak_memory_stats()``: peaks restart from the current values."""

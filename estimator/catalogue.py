@@ -10,11 +10,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from estimator.errors import UserError
+from estimator.resources import config_dir
 from estimator.spec import ModelSpec
 
-CONFIG_DIR = Path(
-    os.environ.get("VRAMCAL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs" / "models")
-)
+CONFIG_DIR = config_dir()
 HF_CACHE = Path(os.environ.get("VRAMCAL_CACHE", Path.home() / ".cache" / "vramcal")) / "hf"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

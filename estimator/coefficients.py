@@ -24,11 +24,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 from estimator.errors import UserError
+from estimator.resources import coefficients_dir
 
 SCHEMA = "vramcal.coefficients/1"
-COEFFICIENTS_DIR = Path(
-    os.environ.get("VRAMCAL_COEFFICIENTS_DIR", Path(__file__).resolve().parent.parent / "results" / "coefficients")
-)
+COEFFICIENTS_DIR = coefficients_dir()
 
 # name -> (first-principles value, lower bound, upper bound, meaning). The bounds are what a fit may use.
 COEFFICIENTS: dict[str, tuple[float, float, float, str]] = {
@@ -142,10 +141,12 @@ def select_coefficients(framework: str = "transformers", gpu: str | None = None,
 
     ``gpu`` is a canonical name from ``estimator.gpus`` (or None: prefer H100 80GB, the reference GPU).
     """
+    from estimator.gpus import canonical_gpu_name
+
     files = [c for c in _available(directory or COEFFICIENTS_DIR) if c.framework == framework]
     if gpu:
-        exact = [c for c in files if c.gpu == gpu]
+        exact = [c for c in files if canonical_gpu_name(c.gpu) == canonical_gpu_name(gpu)]
         if exact:
             return exact[0]
-    preferred = [c for c in files if c.gpu == "H100 80GB"]
+    preferred = [c for c in files if canonical_gpu_name(c.gpu) == canonical_gpu_name("H100 80GB")]
     return (preferred or files or [DEFAULT])[0]

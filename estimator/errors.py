@@ -14,7 +14,12 @@ def require_extra(module: str, extra: str):
 
     try:
         return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    except ImportError as exc:
+        # not installed at all (the module itself is missing), or installed but broken (a missing
+        # shared library, a dependency of it): the second says what the import said
+        missing = isinstance(exc, ModuleNotFoundError) and (exc.name or module).split(".")[0] == module.split(".")[0]
+        problem = "is not installed" if missing else f"cannot be imported ({' '.join(str(exc).split())[:200]})"
         raise UserError(
-            f"{module} is not installed ({exc}); install it with: pip install -e '.[{extra}]'"
+            f"{module} {problem}; install the {extra} extra: pip install 'vramcal[{extra}]' "
+            f"(in a source checkout: pip install -e '.[{extra}]')"
         ) from None

@@ -31,7 +31,8 @@ from typing import Mapping
 
 from estimator.coefficients import Coefficients, select_coefficients
 from estimator.errors import UserError
-from estimator.gpus import GPU, GPUS, find_gpu
+from estimator.gpus import GPU, canonical_gpu_name, find_gpu, table_gpus
+from estimator.positions import check_context
 from estimator.quant import buffer_bytes, weights_bytes
 from estimator.spec import ModelSpec
 from estimator.terms import Workload, features
@@ -104,19 +105,35 @@ class Estimate:
     num_parameters: int
     coefficients: Coefficients = field(repr=False)
     features: Mapping[str, int] = field(default_factory=dict, repr=False)
+    # One line each: what the estimate rests on that is approximate or outside its calibration
+    # (a context beyond the trained positions, coefficients from another GPU, a dequantized format...).
+    notes: tuple[str, ...] = ()
+    gpu: str | None = None  # the GPU low/high are for (None: the coefficients' own)
+    beyond_trained_positions: bool = False  # context above max_position_embeddings (a rope model runs it)
+    # Which engine answered: "replay" (estimator/program.py, pure Python) or "trace" (harness, fake tensors),
+    # and for the trace the transformers version that was traced.
+    engine: str = "replay"
+    engine_version: str | None = None
 
-    def verdicts(self, gpus: tuple[GPU, ...] = GPUS) -> list[dict]:
-        """Per GPU: free memory after the estimate and a verdict (fits / tight / does not fit)."""
+    def verdicts(self, gpus: tuple[GPU, ...] | None = None) -> list[dict]:
+        """Per GPU: free memory after the estimate and a verdict (fits / tight / does not fit).
+
+        ``memory_bytes`` is what a process can hold there (``estimator/gpus.py``); ``high_bytes`` is the
+        interval's high end for that GPU, widened where the coefficients were fitted on another one.
+        """
         rows = []
-        for gpu in gpus:
-            if self.high_bytes <= gpu.memory_bytes:
+        for gpu in table_gpus() if gpus is None else gpus:
+            high = bounds(self.total_bytes, self.coefficients, gpu)[1]
+            if high <= gpu.memory_bytes:
                 verdict = "fits"
             elif self.total_bytes <= gpu.memory_bytes:
                 verdict = "tight"  # the point estimate fits, the interval's high end does not
             else:
                 verdict = "does not fit"
             rows.append({"gpu": gpu.name, "memory_bytes": gpu.memory_bytes,
-                         "free_bytes": gpu.memory_bytes - self.total_bytes, "verdict": verdict})
+                         "free_bytes": gpu.memory_bytes - self.total_bytes, "high_bytes": high,
+                         "calibrated": calibrated_for(self.coefficients, gpu),
+                         "memory_approximate": gpu.approximate, "verdict": verdict})
         return rows
 
     def as_dict(self) -> dict:
@@ -143,23 +160,95 @@ class Estimate:
                 "interval": dict(c.interval),
             },
             "features": dict(self.features),
+            "notes": list(self.notes),
+            "gpu": self.gpu,
+            "beyond_trained_positions": self.beyond_trained_positions,
+            "engine": self.engine,
+            "engine_version": self.engine_version,
         }
 
 
+# Coefficients fitted on one GPU, used for another: the CUDA context (717 MiB measured on the H100;
+# a few hundred MiB to about 1 GiB across architectures and drivers), cuBLAS workspaces and the attention
+# kernels a GPU can run differ. The interval widens by this stated rule, not by a fit (no such data yet):
+# both ends move out by OTHER_GPU_ABS_BYTES plus OTHER_GPU_REL of the end. Tested in test_estimate.py.
+OTHER_GPU_ABS_BYTES = 512 * 2**20
+OTHER_GPU_REL = 0.03
+
+
+def calibrated_for(coefficients: Coefficients, gpu: GPU | None) -> bool:
+    """Whether ``coefficients`` were fitted on ``gpu`` (None: the estimate is for their own GPU)."""
+    if not coefficients.calibrated:
+        return False
+    return gpu is None or canonical_gpu_name(coefficients.gpu) == gpu.name
+
+
+def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None) -> tuple[int, int]:
+    """(low, high) bytes of the interval around ``total`` for ``gpu``; widened where borrowed."""
+    iv = coefficients.interval
+    low, high = total * (1 + iv["low"]), total * (1 + iv["high"])
+    if coefficients.calibrated and not calibrated_for(coefficients, gpu):
+        low = low * (1 - OTHER_GPU_REL) - OTHER_GPU_ABS_BYTES
+        high = high * (1 + OTHER_GPU_REL) + OTHER_GPU_ABS_BYTES
+    return max(round(low), 0), round(high)
+
+
+def weight_format(workload: Workload) -> tuple[str | None, str | None]:
+    """(the format the weights are held in on the GPU, a note when that differs from what was asked).
+
+    transformers dequantizes a GGUF file on load (``from_pretrained(..., gguf_file=...)`` converts every
+    tensor to torch at the requested dtype), so under transformers GGUF weights take the compute dtype's
+    bytes; vLLM and llama.cpp keep them quantized.
+    """
+    quant = workload.quant
+    if quant and quant.startswith("gguf") and workload.framework == "transformers":
+        return None, (f"transformers dequantizes {quant} weights to {workload.dtype} on load: counted at "
+                      f"{workload.dtype}, not at the GGUF file's size (vLLM keeps GGUF quantized: --framework vllm)")
+    return quant, None
+
+
 def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | None = None,
-             gpu: str | None = None) -> Estimate:
-    """The peak device memory of ``workload`` on ``spec``, with its breakdown and interval."""
+             gpu: str | GPU | None = None) -> Estimate:
+    """The peak device memory of ``workload`` on ``spec``, with its breakdown and interval.
+
+    ``gpu``: the GPU the interval is for (default: the coefficients' own GPU). Coefficients fitted on
+    another GPU widen the interval (``bounds``) and the estimate says so in ``notes``.
+    """
+    target = find_gpu(gpu) if isinstance(gpu, str) else gpu
     if coefficients is None:
-        coefficients = select_coefficients(workload.framework, find_gpu(gpu).name if gpu else None)
+        coefficients = select_coefficients(workload.framework, target.name if target else None)
+    notes: list[str] = []
+    position_note = check_context(spec.model_type, spec.max_position_embeddings, workload.context, spec.name)
+    if position_note:
+        notes.append(position_note)
+    if workload.quant and workload.quant == spec.default_quant and spec.default_quant_source:
+        notes.append(f"weights {workload.quant}: {spec.default_quant_source} (--quant none counts them unquantized)")
+    if workload.quant == "mxfp4" and workload.framework == "transformers":
+        # transformers 5.x quantizer_mxfp4: without triton >= 3.4 and the `kernels` package, or below
+        # compute capability 7.5, it sets dequantize=True and loads the experts in bf16
+        notes.append("mxfp4 stays packed only with triton >= 3.4 and the `kernels` package on compute capability "
+                     ">= 7.5; otherwise transformers dequantizes it to bf16 (estimate that with --quant none)")
+    quant, quant_note = weight_format(workload)
+    if quant_note:
+        notes.append(quant_note)
+    if spec.uncounted_parts:
+        notes.append(f"not counted: {', '.join(spec.uncounted_parts)} (no layout known for it): the weights are the "
+                     "language model's only, an under-estimate")
+    if not coefficients.calibrated:
+        notes.append(f"no calibration for {workload.framework}: first-principles coefficients, "
+                     f"interval {coefficients.interval['low']:+.0%}..{coefficients.interval['high']:+.0%}")
+    elif not calibrated_for(coefficients, target):
+        notes.append(f"coefficients fitted on {coefficients.gpu} ({coefficients.framework}); {target.name} has none: "
+                     f"interval widened by {OTHER_GPU_REL:.0%} + {OTHER_GPU_ABS_BYTES // 2**20} MiB at each end")
     c = coefficients.for_attn(workload.attn)
-    weights = weights_bytes(spec, workload.dtype, workload.quant)  # parameters, as published counts them
+    weights = weights_bytes(spec, workload.dtype, quant)  # parameters, as published counts them
     f = features(spec, workload)
     parts = predict_parts(weights, f, c)
     buffers = buffer_bytes(spec)  # rotary tables and the like: a few KiB, counted with the overhead
     total = round(parts["total"] + buffers)
     kv = f.get("kv_final_bytes", 0)
     overhead = round(parts["overhead"] + buffers)
-    interval = coefficients.interval
+    low, high = bounds(total, coefficients, target)
     return Estimate(
         model=spec.name,
         workload=workload,
@@ -168,14 +257,17 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
         activation_bytes=total - weights - kv - overhead,
         overhead_bytes=overhead,
         total_bytes=total,
-        low_bytes=round(total * (1 + interval["low"])),
-        high_bytes=round(total * (1 + interval["high"])),
+        low_bytes=low,
+        high_bytes=high,
         peak_allocated_bytes=round(parts["allocated"] + buffers),
         peak_reserved_bytes=round(parts["reserved"] + buffers),
         peak_phase=parts["phase"],
         num_parameters=spec.num_parameters,
         coefficients=coefficients,
         features=f,
+        notes=tuple(notes),
+        gpu=target.name if target else None,
+        beyond_trained_positions=position_note is not None,
     )
 
 
@@ -193,10 +285,11 @@ def _largest(fits, lo: int, hi: int, window: int) -> int | None:
 
     The estimate is not monotone: the allocator model's reserve jumps by up to a few GiB between
     neighbouring contexts or batches (a tensor crossing a 2 MiB rounding changes how the segments fragment),
-    so a plain bisection can stop at a value that fits just above values that do not. Bisection finds a
-    boundary; then an exact downward scan moves the answer below any failing value until ``window``
-    consecutive values fit. The answer is conservative within that window: a user can run any value in
-    ``[n - window, n]``.
+    so a plain bisection can stop at a value that fits just above values that do not. A galloping search
+    (``lo``, then doubling) brackets a boundary without probing far above the answer (a batch of 2**19 costs
+    as much as one of 33 and is mostly wasted), bisection finds it; then an exact downward scan moves the
+    answer below any failing value until ``window`` consecutive values fit. The answer is conservative
+    within that window: a user can run any value in ``[n - window, n]``.
     """
     seen: dict[int, bool] = {}
 
@@ -208,6 +301,12 @@ def _largest(fits, lo: int, hi: int, window: int) -> int | None:
     if not ok(lo):
         return None
     a, b = lo, hi
+    while a < b:  # gallop: a fits; the first value that fails bounds the bisection
+        up = min(b, max(a + 1, 2 * a))
+        if not ok(up):
+            b = up - 1
+            break
+        a = up
     while a < b:  # invariant: a fits; values above b were seen to fail (or b == hi)
         mid = (a + b + 1) // 2
         if ok(mid):
@@ -238,9 +337,9 @@ def max_context(spec: ModelSpec, workload: Workload, gpu: str | int,
     otherwise the point estimate. The search stops at the model's ``max_position_embeddings``.
     """
     budget = _budget(gpu)
-    gpu_name = None if isinstance(gpu, int) else find_gpu(gpu).name
+    target = None if isinstance(gpu, int) else find_gpu(gpu)
     if coefficients is None:
-        coefficients = select_coefficients(workload.framework, gpu_name)
+        coefficients = select_coefficients(workload.framework, target.name if target else None)
     from dataclasses import replace
 
     limit = spec.max_position_embeddings or 2**22
@@ -249,7 +348,7 @@ def max_context(spec: ModelSpec, workload: Workload, gpu: str | int,
         raise UserError(f"--new-tokens {workload.new_tokens} exceeds the model's {limit} positions")
 
     def fits(n: int) -> bool:
-        e = estimate(spec, replace(workload, context=n, max_cache_len=None), coefficients)
+        e = estimate(spec, replace(workload, context=n, max_cache_len=None), coefficients, target)
         return (e.high_bytes if safe else e.total_bytes) <= budget
 
     best = _largest(fits, lo, limit, CONTEXT_WINDOW)
@@ -263,14 +362,18 @@ def max_batch(spec: ModelSpec, workload: Workload, gpu: str | int,
     """Largest ``batch`` whose estimate at ``workload.context`` fits ``gpu``, and such that the
     ``BATCH_WINDOW`` batch sizes below it fit too (see ``max_context``)."""
     budget = _budget(gpu)
-    gpu_name = None if isinstance(gpu, int) else find_gpu(gpu).name
+    target = None if isinstance(gpu, int) else find_gpu(gpu)
     if coefficients is None:
-        coefficients = select_coefficients(workload.framework, gpu_name)
+        coefficients = select_coefficients(workload.framework, target.name if target else None)
     from dataclasses import replace
 
+    # refuse a context the model cannot run before searching (and keep the note for one it can)
+    note = check_context(spec.model_type, spec.max_position_embeddings, workload.context, spec.name)
+
     def fits(n: int) -> bool:
-        e = estimate(spec, replace(workload, batch=n), coefficients)
+        e = estimate(spec, replace(workload, batch=n), coefficients, target)
         return (e.high_bytes if safe else e.total_bytes) <= budget
 
     best = _largest(fits, 1, 2**20, BATCH_WINDOW)
-    return {"max_batch": best, "memory_bytes": budget, "coefficients": coefficients.source}
+    return {"max_batch": best, "memory_bytes": budget, "coefficients": coefficients.source,
+            "beyond_trained_positions": note is not None, "notes": [note] if note else []}

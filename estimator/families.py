@@ -8,48 +8,27 @@ The layouts follow the transformers 5.x modeling code (``models/<family>/modelin
 ``tests/harness/test_param_count_meta.py`` builds every catalogue config on the meta device and checks
 that ``ModelSpec.num_parameters`` equals ``sum(p.numel())`` exactly.
 
-A key that sizes the model (widths, counts) must be in the config, or a UserError names it. A key that
-only toggles a detail (biases, tied head, windows) falls back to the transformers default for the family.
-Multimodal configs that nest the language model in ``text_config`` are read through it: the spec is the
-text model's (the vision tower is not counted).
+A config is read once, by ``estimator.config.parse_config``: aliases (``num_local_experts`` /
+``num_experts``, ``n_embd`` / ``hidden_size``...), ``rope_parameters``, ``dtype``, nested ``text_config``
+and value checks. A key that sizes the model (widths, counts) must be in the config, or a UserError names
+it. A key that only toggles a detail (biases, tied head, windows) falls back to the transformers config
+class's default (generated into ``estimator/data/config_aliases.json``). A multimodal wrapper's spec is
+its language model's plus the towers ``estimator/towers.py`` counts (``ModelSpec.parts``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from estimator.config import MAX_TENSOR_ELEMS, Config, ParsedConfig, parse_config
+from estimator.dtypes import normalize_dtype
 from estimator.errors import UserError
 from estimator.spec import AttentionSpec, LayerSpec, Linear, MLPSpec, ModelSpec
+from estimator.towers import WRAPPERS, count_towers
 
-class Config:
-    """A config dict that names the model and the missing key when something needed is absent."""
-
-    def __init__(self, data: dict, name: str, defaults: dict | None = None):
-        self.data, self.name, self.defaults = data, name or data.get("model_type", "model"), defaults or {}
-
-    def need(self, key: str, why: str):
-        value = self.data.get(key)
-        if value is None:
-            raise UserError(f"config for {self.name} lacks '{key}' (needed for {why})")
-        return value
-
-    def get(self, key: str, default=None):
-        """The config's value; ``default`` when it is null; the family default when the key is absent.
-
-        An explicit null switches a feature off (Mistral-7B-v0.3: ``"sliding_window": null``), while an
-        absent key means the transformers config class's default (Mistral: a 4096-token window).
-        """
-        if key in self.data:
-            return default if self.data[key] is None else self.data[key]
-        return self.defaults.get(key, default)
-
-    def present(self, key: str, why: str):
-        """A key that must be present but may be null (e.g. ``q_lora_rank``)."""
-        if key not in self.data:
-            raise UserError(f"config for {self.name} lacks '{key}' (needed for {why}; null is allowed)")
-        return self.data[key]
+__all__ = ["Config", "DECODERS", "FAMILIES", "spec_from_config"]
 
 
 class _Parts:
@@ -74,31 +53,72 @@ class _Parts:
 
 @dataclass(frozen=True)
 class Decoder:
-    """What distinguishes one llama-like family from another (transformers 5.x layouts)."""
+    """What distinguishes one llama-like family from another (transformers 5.x layouts).
 
-    defaults: dict = field(default_factory=dict)  # transformers config-class defaults for optional keys
+    Defaults of optional keys are not here: they are the config class's, from the generated table.
+    """
+
     qkv_bias: bool | None = None  # None: config's attention_bias; Qwen2 hard-codes q/k/v biases
     o_bias: bool | None = None  # None: config's attention_bias
     qk_norm: str | None = None  # "head": RMSNorm(head_dim) on q and k; "full": over the whole projection
-    gated_query: bool = False  # Qwen3-Next full attention: q_proj also emits a sigmoid gate
+    gated_query: bool = False  # Qwen3-Next / Qwen3.5 full attention: q_proj also emits a sigmoid gate
     mlp_bias_key: str | None = None  # config key switching biases on the dense MLP (Llama: mlp_bias)
+    dense_width_key: str = "intermediate_size"  # Llama 4: intermediate_size_mlp for its dense layers
     norms_per_layer: int = 2  # Gemma 2/3 add pre/post feed-forward norms
-    # Which layers slide: "none"; "all" (Mistral); "qwen" (layers from max_window_layers on, when
-    # use_sliding_window); "qwen_all" (every layer, when use_sliding_window); "alternate" (Gemma 2);
-    # "pattern" (Gemma 3: one global layer per sliding_window_pattern). A config's layer_types wins.
+    # Which layers slide when the config has no layer_types: "none"; "all" (Mistral); "qwen" (layers from
+    # max_window_layers on, when use_sliding_window); "qwen_all" (every layer, when use_sliding_window);
+    # "alternate" (Gemma 2); "pattern" (Gemma 3: one global layer per sliding_window_pattern); "llama4"
+    # (chunked attention on the RoPE layers, full attention on the NoPE ones).
     windows: str = "none"
-    moe: str | None = None  # None, "mixtral", "qwen", "olmoe", "gpt_oss", "qwen_next"
-    rotary_copies: int = 1  # Gemma 3 keeps a global and a local rotary embedding
+    moe: str | None = None  # a key of _MOE, or None for a dense model
+    rotary_per_layer_type: bool = False  # Gemma 3: one rotary embedding per layer type its layers use
     embed_scale: bool = False  # Gemma's scaled embedding registers a scalar buffer
-    linear_attention: bool = False  # Qwen3-Next: gated delta-net layers where layer_types say so
+    linear_attention: bool = False  # Qwen3-Next / Qwen3.5: gated delta-net layers where layer_types say so
+
+
+@dataclass(frozen=True)
+class MoE:
+    """One family's mixture-of-experts block (transformers 5 fuses the experts into 3-D tensors)."""
+
+    experts_key: str  # the config key transformers' modeling code reads for the expert count
+    width_key: str = "intermediate_size"
+    # Which layers are MoE: "every"; "sparse_step" (Qwen: every decoder_sparse_step-th, less mlp_only_layers);
+    # "moe_layers" (Llama 4: moe_layers, else every interleave_moe_layer_step-th)
+    placement: str = "every"
+    expert_bias: bool = False  # gpt-oss: biases on experts and router
+    shared: str | None = None  # None; "gated": Qwen's shared expert and its sigmoid gate; "plain": Llama 4's
+
+
+_MOE: dict[str, MoE] = {
+    "mixtral": MoE("num_local_experts"),
+    "olmoe": MoE("num_experts"),
+    "gpt_oss": MoE("num_local_experts", expert_bias=True),
+    "qwen": MoE("num_experts", "moe_intermediate_size", placement="sparse_step"),
+    "qwen_next": MoE("num_experts", "moe_intermediate_size", placement="sparse_step", shared="gated"),
+    "qwen3_5": MoE("num_experts", "moe_intermediate_size", shared="gated"),
+    "llama4": MoE("num_local_experts", placement="moe_layers", shared="plain"),
+}
 
 
 def _head_dim(cfg: Config) -> int:
     heads = cfg.need("num_attention_heads", "the attention projections")
-    head_dim = cfg.data.get("head_dim")
+    head_dim = cfg.get("head_dim")  # absent: the class default (Qwen3: 128), which may not be hidden / heads
     if head_dim:
         return head_dim
-    return cfg.need("hidden_size", "the model width") // heads
+    hidden = cfg.need("hidden_size", "the model width")
+    if hidden % heads:
+        raise cfg.fail(f"'{cfg.key('hidden_size')}' ({hidden:,}) is not divisible by "
+                       f"'{cfg.key('num_attention_heads')}' ({heads:,}) and there is no head_dim to say the "
+                       "head width")
+    return hidden // heads
+
+
+# transformers' cache layer type -> (AttentionSpec kind, the config key holding its window)
+_ATTENTION_TYPES = {
+    "full_attention": ("full", None),
+    "sliding_attention": ("sliding", "sliding_window"),
+    "chunked_attention": ("sliding", "attention_chunk_size"),  # a DynamicSlidingWindowLayer of chunk size
+}
 
 
 def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
@@ -106,7 +126,7 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     explicit = cfg.data.get("layer_types")
     if explicit:
         if len(explicit) != n_layers:
-            raise UserError(f"config for {cfg.name} has {len(explicit)} layer_types for {n_layers} layers")
+            raise cfg.fail(f"'{cfg.key('layer_types')}' has {len(explicit)} entries for {n_layers} layers")
         return list(explicit)
     window = cfg.get("sliding_window")
     if dec.linear_attention:
@@ -117,6 +137,13 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     if dec.windows == "pattern":  # Gemma 3: every sliding_window_pattern-th layer is global
         pattern = cfg.get("sliding_window_pattern", 6)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if dec.windows == "llama4":  # Llama4TextConfig.__post_init__: no_rope_layers[i] == 1 -> chunked
+        interval = cfg.get("no_rope_layer_interval", 4)
+        rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+        if len(rope) < n_layers:
+            raise cfg.fail(f"'{cfg.key('no_rope_layers')}' has {len(rope)} entries for {n_layers} layers")
+        chunked = cfg.get("attention_chunk_size") is not None
+        return ["chunked_attention" if rope[i] and chunked else "full_attention" for i in range(n_layers)]
     if dec.windows == "qwen":
         if cfg.get("use_sliding_window", False) and window:
             first = cfg.get("max_window_layers", 28)
@@ -130,18 +157,20 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     return ["full_attention"] * n_layers
 
 
-def _moe_layer(cfg: Config, dec: Decoder, i: int) -> bool:
-    if dec.moe in ("mixtral", "olmoe", "gpt_oss"):
+def _moe_layer(cfg: Config, moe: MoE | None, i: int, n_layers: int) -> bool:
+    if moe is None:
+        return False
+    if moe.placement == "every":
         return True
-    if dec.moe in ("qwen", "qwen_next"):
-        step = cfg.get("decoder_sparse_step", 1)
-        experts = cfg.need("num_experts", "the expert count")
-        return i not in (cfg.get("mlp_only_layers") or []) and experts > 0 and (i + 1) % step == 0
-    return False
-
-
-_EXPERT_KEYS = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "qwen": "num_experts",
-                "olmoe": "num_experts", "qwen_next": "num_experts"}
+    if moe.placement == "moe_layers":  # Llama4TextConfig.__post_init__
+        layers = cfg.get("moe_layers")
+        if layers is None:
+            step = cfg.get("interleave_moe_layer_step", 1)
+            layers = range(step - 1, n_layers, step)
+        return i in layers
+    step = cfg.get("decoder_sparse_step", 1)
+    experts = cfg.need(moe.experts_key, "the expert count")
+    return i not in (cfg.get("mlp_only_layers") or []) and experts > 0 and (i + 1) % step == 0
 
 
 def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
@@ -155,17 +184,23 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     qkv_bias = attn_bias if dec.qkv_bias is None else dec.qkv_bias
     o_bias = attn_bias if dec.o_bias is None else dec.o_bias
     mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else False
-    window = cfg.get("sliding_window")
+    moe = _MOE[dec.moe] if dec.moe else None
     types = _layer_types(cfg, dec, n_layers)
     p = _Parts()
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
 
     for i, layer_type in enumerate(types):
-        if layer_type == "linear_attention":
+        if layer_type == "linear_attention" and dec.linear_attention:
             attention = _gated_delta_net(cfg, p, hidden)
         else:
-            if layer_type not in ("full_attention", "sliding_attention"):
-                raise UserError(f"config for {cfg.name}: layer type {layer_type!r} is not supported for {model_type}")
+            if layer_type not in _ATTENTION_TYPES:
+                allowed = ", ".join([*_ATTENTION_TYPES, *(["linear_attention"] if dec.linear_attention else [])])
+                raise cfg.fail(f"layer type {layer_type!r} in '{cfg.key('layer_types')}' is not supported for "
+                               f"{model_type} (allowed: {allowed})")
+            kind, window_key = _ATTENTION_TYPES[layer_type]
+            window = cfg.get(window_key) if window_key else None
+            if window_key and window is None:
+                raise cfg.fail(f"layer {i} is {layer_type} but '{cfg.key(window_key)}' is null or absent")
             p.linear("attn", hidden, q_out * (2 if dec.gated_query else 1), bias=qkv_bias)
             p.linear("attn", hidden, kv_out, 2, bias=qkv_bias)  # k_proj, v_proj
             p.linear("attn", q_out, hidden, bias=o_bias)
@@ -175,15 +210,17 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
                 p.other["norm"] += q_out + kv_out
             if model_type == "gpt_oss":
                 p.other["other"] += heads  # attention sinks: one logit per head
-            sliding = layer_type == "sliding_attention"
-            attention = AttentionSpec("sliding" if sliding else "full", heads, kv_heads, head_dim, head_dim,
-                                      window=window if sliding else None)
-        mlp = _moe(cfg, dec, p, hidden) if _moe_layer(cfg, dec, i) else _dense_mlp(cfg, p, hidden, mlp_bias)
+            attention = AttentionSpec(kind, heads, kv_heads, head_dim, head_dim, window=window)
+        if _moe_layer(cfg, moe, i, n_layers):
+            mlp = _moe(cfg, moe, p, hidden)
+        else:
+            mlp = _dense_mlp(cfg, p, hidden, mlp_bias, width=cfg.need(dec.dense_width_key, "the MLP width"))
         p.other["norm"] += dec.norms_per_layer * hidden
         p.layers.append(LayerSpec(attention, mlp))
 
     rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
-    buffers = dec.rotary_copies * 2 * (rotary_dim // 2) + (1 if dec.embed_scale else 0)
+    copies = len(set(types)) if dec.rotary_per_layer_type else 1
+    buffers = copies * 2 * (rotary_dim // 2) + (1 if dec.embed_scale else 0)
     return _finish(cfg, p, model_type, vocab, hidden, buffers)
 
 
@@ -195,26 +232,34 @@ def _dense_mlp(cfg: Config, p: _Parts, hidden: int, bias: bool = False, width: i
     return MLPSpec("dense", width, gated=True)
 
 
-def _moe(cfg: Config, dec: Decoder, p: _Parts, hidden: int) -> MLPSpec:
-    experts = cfg.need(_EXPERT_KEYS[dec.moe], "the expert count")
+def _moe(cfg: Config, moe: MoE, p: _Parts, hidden: int) -> MLPSpec:
+    experts = cfg.need(moe.experts_key, "the expert count")
     top_k = cfg.need("num_experts_per_tok", "the experts used per token")
-    width_key = "moe_intermediate_size" if dec.moe in ("qwen", "qwen_next") else "intermediate_size"
-    width = cfg.need(width_key, "the expert width")
-    expert_bias = dec.moe == "gpt_oss"
+    if top_k > experts:
+        raise cfg.fail(f"'{cfg.key('num_experts_per_tok')}' ({top_k}) is more than the "
+                       f"{experts} experts of '{cfg.key(moe.experts_key)}'")
+    width = cfg.need(moe.width_key, "the expert width")
     # transformers stores experts as (E, 2I, H) gate_up and (E, H, I) down tensors
-    p.linear("expert", hidden, 2 * width, experts, bias=expert_bias)
-    p.linear("expert", width, hidden, experts, bias=expert_bias)
-    p.linear("router", hidden, experts, bias=expert_bias, quantizable=False)
+    p.linear("expert", hidden, 2 * width, experts, bias=moe.expert_bias)
+    p.linear("expert", width, hidden, experts, bias=moe.expert_bias)
+    p.linear("router", hidden, experts, bias=moe.expert_bias, quantizable=False)
     shared = 0
-    if dec.moe == "qwen_next":
+    if moe.shared == "gated":  # Qwen: shared_expert + shared_expert_gate
         shared = cfg.need("shared_expert_intermediate_size", "the shared expert width")
         _dense_mlp(cfg, p, hidden, width=shared, role="shared_expert")
-        p.linear("router", hidden, 1, quantizable=False)  # shared_expert_gate
+        p.linear("router", hidden, 1, quantizable=False)
+    elif moe.shared == "plain":  # Llama 4: one shared expert as wide as a routed one
+        shared = width
+        _dense_mlp(cfg, p, hidden, width=shared, role="shared_expert")
     return MLPSpec("moe", width, gated=True, num_experts=experts, top_k=top_k, shared_intermediate_size=shared)
 
 
 def _gated_delta_net(cfg: Config, p: _Parts, hidden: int) -> AttentionSpec:
-    """Qwen3-Next linear attention (Qwen3NextGatedDeltaNet): a fixed recurrent state per sequence."""
+    """Qwen3-Next / Qwen3.5 linear attention (GatedDeltaNet): a fixed recurrent state per sequence.
+
+    Qwen3.5 splits in_proj_qkvz into in_proj_qkv + in_proj_z and in_proj_ba into in_proj_b + in_proj_a;
+    the parameters are the same.
+    """
     why = "the linear-attention layers"
     k_heads = cfg.need("linear_num_key_heads", why)
     v_heads = cfg.need("linear_num_value_heads", why)
@@ -244,7 +289,8 @@ def _finish(cfg: Config, p: _Parts, model_type: str, vocab: int, hidden: int, bu
     return ModelSpec(
         name=cfg.name, model_type=model_type, vocab_size=vocab, hidden_size=hidden, layers=tuple(p.layers),
         linears=p.linear_tuple(), other_params=dict(p.other), tie_word_embeddings=tied,
-        max_position_embeddings=max_positions or cfg.get("max_position_embeddings"), config=cfg.data, buffer_elems=buffers,
+        max_position_embeddings=max_positions or cfg.get("max_position_embeddings"), config=cfg.data,
+        buffer_elems=buffers, partial_rotary_factor=cfg.get("partial_rotary_factor", 1.0),
     )
 
 
@@ -314,6 +360,8 @@ def _gpt2(cfg: Config, model_type: str) -> ModelSpec:
     heads = cfg.need("n_head", "the attention projections")
     positions = cfg.need("n_positions", "the learned position embeddings")
     inner = cfg.get("n_inner") or 4 * hidden
+    if hidden % heads:
+        raise cfg.fail(f"'{cfg.key('n_embd')}' ({hidden:,}) is not divisible by '{cfg.key('n_head')}' ({heads:,})")
     p = _Parts()
     attention = AttentionSpec("full", heads, heads, hidden // heads, hidden // heads)
     mlp = MLPSpec("dense", inner, gated=False)
@@ -336,23 +384,22 @@ _GEMMA = dict(norms_per_layer=4, embed_scale=True)
 
 DECODERS: dict[str, Decoder] = {
     "llama": Decoder(mlp_bias_key="mlp_bias"),
-    "mistral": Decoder(windows="all", defaults={"sliding_window": 4096}),
-    "qwen2": Decoder(qkv_bias=True, o_bias=False, windows="qwen", defaults={"sliding_window": 4096}),
-    "qwen3": Decoder(qk_norm="head", windows="qwen", defaults={"sliding_window": 4096}),
+    "mistral": Decoder(windows="all"),
+    "qwen2": Decoder(qkv_bias=True, o_bias=False, windows="qwen"),
+    "qwen3": Decoder(qk_norm="head", windows="qwen"),
     "phi3": Decoder(windows="all"),
-    "gemma2": Decoder(windows="alternate", defaults={"sliding_window": 4096, "tie_word_embeddings": True}, **_GEMMA),
-    "gemma3_text": Decoder(qk_norm="head", windows="pattern", rotary_copies=2,
-                           defaults={"sliding_window": 4096, "tie_word_embeddings": True}, **_GEMMA),
+    "gemma2": Decoder(windows="alternate", **_GEMMA),
+    "gemma3_text": Decoder(qk_norm="head", windows="pattern", rotary_per_layer_type=True, **_GEMMA),
     "mixtral": Decoder(windows="all", moe="mixtral"),
-    "qwen3_moe": Decoder(qk_norm="head", windows="qwen_all", moe="qwen", defaults={"sliding_window": 4096}),
+    "qwen3_moe": Decoder(qk_norm="head", windows="qwen_all", moe="qwen"),
     "olmoe": Decoder(qk_norm="full", moe="olmoe"),
-    "gpt_oss": Decoder(moe="gpt_oss", defaults={"attention_bias": True, "sliding_window": 128}),
-    "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True,
-                          defaults={"partial_rotary_factor": 0.25}),
+    "gpt_oss": Decoder(moe="gpt_oss"),
+    "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True),
+    "qwen3_5_text": Decoder(qk_norm="head", gated_query=True, linear_attention=True),
+    "qwen3_5_moe_text": Decoder(qk_norm="head", gated_query=True, moe="qwen3_5", linear_attention=True),
+    # Llama 4: the L2 qk-norm has no weights; MoE layers add a shared expert; dense layers are wider
+    "llama4_text": Decoder(windows="llama4", moe="llama4", dense_width_key="intermediate_size_mlp"),
 }
-
-# Defaults of the families outside DECODERS (transformers config-class values).
-_DEFAULTS = {"gpt2": {"tie_word_embeddings": True}}
 
 FAMILIES: dict[str, Callable[[Config, str], ModelSpec]] = {
     **{mt: (lambda cfg, mt, dec=dec: _decoder(cfg, dec, mt)) for mt, dec in DECODERS.items()},
@@ -363,14 +410,75 @@ FAMILIES: dict[str, Callable[[Config, str], ModelSpec]] = {
 
 
 def spec_from_config(config: dict, name: str = "") -> ModelSpec:
-    """The ModelSpec of a Hugging Face ``config.json`` (already parsed into a dict)."""
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES and isinstance(config.get("text_config"), dict):
-        text = config["text_config"]  # multimodal wrapper: the language model's config
-        return replace(spec_from_config(text, name), config=config)
-    if model_type not in FAMILIES:
-        label = name or "this model"
-        got = f"model_type {model_type!r}" if model_type else "no model_type"
-        raise UserError(f"config for {label} has {got}; supported: {', '.join(sorted(FAMILIES))}")
-    defaults = DECODERS[model_type].defaults if model_type in DECODERS else _DEFAULTS.get(model_type, {})
-    return FAMILIES[model_type](Config(config, name, defaults), model_type)
+    """The ModelSpec of a Hugging Face ``config.json`` (already parsed into a dict).
+
+    A multimodal wrapper gives its language model's spec plus the towers ``estimator/towers.py`` counts,
+    in ``other_params`` and ``parts``. ``config`` keeps the file as given for a wrapper (the trace builds
+    the whole model from it) and the normalized language-model config otherwise.
+    """
+    from estimator.quant import quant_from_config
+
+    parsed = parse_config(config, name)
+    label = parsed.text.name
+    if parsed.model_type not in FAMILIES:
+        got = f"model_type {parsed.model_type!r}" if parsed.model_type else "no model_type"
+        where = f" in the text_config of {parsed.wrapper_type!r}" if parsed.wrapper_type else ""
+        raise UserError(f"config for {label} has {got}{where}; supported: {', '.join(sorted(FAMILIES))}"
+                        + (f" (and the multimodal {', '.join(sorted(WRAPPERS))})" if not where else ""))
+    spec = FAMILIES[parsed.model_type](parsed.text, parsed.model_type)
+    spec = _with_towers(spec, parsed, config)
+    _check_tensor_sizes(spec, label)
+    try:
+        quant, source, error = *quant_from_config(config), None
+    except UserError as exc:  # kept for the estimate to raise when no --quant overrides it
+        quant, source, error = None, "", str(exc)
+    return replace(spec, default_quant=quant, default_quant_source=source, default_quant_error=error,
+                   config_dtype=_dtype_name(parsed.dtype))
+
+
+def _with_towers(spec: ModelSpec, parsed: ParsedConfig, raw: dict) -> ModelSpec:
+    towers = count_towers(parsed)
+    language = spec.num_parameters
+    if parsed.wrapper_type is None:
+        return replace(spec, parts={"language_model": language})
+    other = dict(spec.other_params)
+    linears = spec.linears
+    tied = spec.tie_word_embeddings
+    if towers.tied is not None and towers.tied != tied:  # the wrapper's lm_head follows the wrapper's flag
+        tied = towers.tied
+        hidden, vocab = spec.hidden_size, spec.vocab_size
+        if tied:
+            linears = tuple(l for l in linears if l.role != "lm_head")
+        else:
+            linears = (*linears, Linear("lm_head", hidden, vocab, quantizable=False))
+        language += (-1 if tied else 1) * hidden * vocab
+    for part, count in towers.parts.items():
+        other[part] = other.get(part, 0) + count
+    return replace(spec, other_params=other, linears=linears, tie_word_embeddings=tied, config=raw,
+                   buffer_elems=spec.buffer_elems + towers.buffers, parts={"language_model": language, **towers.parts},
+                   uncounted_parts=towers.uncounted)
+
+
+def _check_tensor_sizes(spec: ModelSpec, label: str) -> None:
+    """No single tensor may exceed what an int64 size holds (routed experts are one fused tensor)."""
+    experts = max((l.mlp.num_experts for l in spec.layers), default=0) or 1
+    tensors = [(spec.vocab_size * spec.hidden_size, "the token embedding")]
+    for l in spec.linears:
+        if l.role == "expert":
+            tensors.append((l.in_features * l.out_features * experts, "the routed experts' fused weight"))
+        else:
+            tensors.append((l.in_features * l.out_features, f"the {l.role} weight {l.out_features} x {l.in_features}"))
+    elems, what = max(tensors)
+    if elems > MAX_TENSOR_ELEMS:
+        raise UserError(f"config for {label}: {what} would hold {elems:.3g} elements, more than a tensor can "
+                        f"({MAX_TENSOR_ELEMS:.3g}); check the widths, vocab_size and expert counts")
+
+
+def _dtype_name(dtype: str | None) -> str | None:
+    """The config's dtype in canonical form; None when absent or not a dtype vramcal knows ("auto")."""
+    if dtype is None:
+        return None
+    try:
+        return normalize_dtype(dtype)
+    except UserError:
+        return None

@@ -60,13 +60,21 @@ once the allocator's state has been seen to repeat exactly: the iterations of a 
 rule's chunks) and decode steps whose sizes no longer grow (a static cache, a full sliding window).
 A dynamic cache that grows is replayed step by step: its blocks keep moving between segments, and the
 allocator's state does not repeat.
+
+The optional C allocator (``estimator/_replay.c``, built when a compiler is there) runs the same requests
+4-8x faster, and whole runs of such growing decode steps in one call (``_Replay.fast_steps``), 30-40x
+faster; ``simulate`` uses it unless ``ACCELERATE`` is False (``VRAMCAL_PYTHON_REPLAY=1``), and falls back to
+the Python allocator, the reference, when a size passes 2**62. Both give the same bytes
+(``tests/estimator/test_replay_accelerator.py`` and the oracle, on both paths).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimator.allocator import SMALL_SIZE, CachingAllocator
+import os
+
+from estimator.allocator import SMALL_SIZE, CachingAllocator, round_size
 from estimator.dtypes import dtype_bytes
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
 
@@ -307,7 +315,8 @@ class _Run:
         self.static_decode = False
         self.cache: dict[int, list] = {}  # layer index -> cache tensors [k, v] (or latent, rope)
         self.cfg = spec.config or {}
-        self.rotary_fraction = self.cfg.get("partial_rotary_factor", 1.0) if self.lay.rope == "partial" else 1.0
+        # the resolved factor (rope_parameters / partial_rotary_factor / the class default: estimator/config.py)
+        self.rotary_fraction = spec.partial_rotary_factor if self.lay.rope == "partial" else 1.0
 
     # ---- building blocks ----------------------------------------------------------------------
     def norm(self, n: int):
@@ -1175,15 +1184,43 @@ class _Run:
 _QK_NORM = ("qwen3", "qwen3_moe", "qwen3_next", "gemma3_text", "olmoe")
 
 
-def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES) -> dict[str, int]:
+try:  # the optional C allocator (estimator/_replay.c); the Python one is the reference
+    from estimator._replay import Allocator as _CAllocator
+except ImportError:  # not built (no compiler at install): the Python replay answers, the same bytes
+    _CAllocator = None
+# False: always the Python replay (also ``VRAMCAL_PYTHON_REPLAY=1`` in the environment)
+ACCELERATE = not os.environ.get("VRAMCAL_PYTHON_REPLAY")
+
+
+def accelerated() -> bool:
+    """Whether ``simulate`` runs on the C allocator by default (built and not switched off)."""
+    return ACCELERATE and _CAllocator is not None
+
+
+def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES,
+             accelerate: bool | None = None) -> dict[str, int]:
     """Peak bytes allocated and reserved above the weights for one run of ``workload`` on ``spec``.
 
     Returns ``{"sim_allocated_bytes", "sim_reserved_bytes", "sim_peak_step"}``: the peaks of
     ``torch.cuda.max_memory_allocated()`` / ``max_memory_reserved()`` minus the weights' bytes, as the
     harness measures them (reset after the weights are loaded and ``empty_cache()``), tensors under
     ``min_bytes`` left out.
+
+    ``accelerate``: run on the C allocator (default: ``accelerated()``); the same answer as the Python
+    one, which takes over, from the start, when a size passes 2**62 (the C one's OverflowError).
     """
-    alloc = CachingAllocator.restore(_weights_state(spec, workload, min_bytes))
+    if accelerate is None:
+        accelerate = accelerated()
+    if accelerate and _CAllocator is not None:
+        try:
+            return _simulate(spec, workload, min_bytes, _CAllocator)
+        except OverflowError:
+            pass
+    return _simulate(spec, workload, min_bytes, CachingAllocator)
+
+
+def _simulate(spec: ModelSpec, workload, min_bytes: int, allocator) -> dict[str, int]:
+    alloc = allocator.restore(_weights_state(spec, workload, min_bytes))
     base = alloc.allocated
     replay = _Replay(spec, workload, min_bytes, alloc)
     b, V = workload.batch, spec.vocab_size
@@ -1198,20 +1235,25 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES) -> d
         static = workload.cache_tokens if workload.cache == "static" else None
         prompt = workload.prompt_tokens
         eos = spec.config.get("eos_token_id") if spec.config else None
+        scored = eos is not None and workload.new_tokens > 1
+        copy = round_size(b * V * 4) if b * V * 4 >= min_bytes else 0  # a tracked fp32 copy of the logits
         past = 0
         prev_logits32 = prev_scores = None
         steps = max(workload.new_tokens, 1)
         step = 0
         seen: dict = {}  # allocator state at a decode step's start -> step, since sizes stopped growing
         valid_to = float("inf")  # the past up to which the pieces those steps ran hold
+        grew = True  # the last step's sizes grew with the past (or it was the prompt): ``seen`` was reset
         while step < steps:
             q_len = prompt if step == 0 else 1
             replay.run.decoding = step > 0
-            if step > 1:
+            if step > 1 and not grew:
                 # Decode steps whose pieces allocate the same sizes at any past (a static cache, a full
                 # sliding window) and that bring the allocator back to a state it had p steps earlier
                 # repeat those p steps exactly, up to where the pieces' recordings stop holding: skip whole
-                # periods (their peaks were seen, so they set no new one).
+                # periods (their peaks were seen, so they set no new one). After a step that grew, the state
+                # would be forgotten at the end of this one if it grows too, as it mostly does: not built
+                # (a skip found one step later is the same skip).
                 state = replay.state(prev_logits32, prev_scores)
                 if state in seen:
                     period = step - seen[state]
@@ -1222,6 +1264,18 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES) -> d
                         seen, valid_to = {}, float("inf")
                         continue
                 seen[state] = step
+            if step > 0 and grew and past > 0:  # growing decode steps, many in one call
+                held = [prev_logits32, prev_scores]
+                done = replay.fast_steps(past, steps - step, static, (copy, copy if scored else 0), held)
+                if done is not None:
+                    k, last = done
+                    if last >= 0:
+                        peak_step = step + last
+                    prev_logits32, prev_scores = held
+                    step += k
+                    past += k
+                    seen, valid_to = {}, float("inf")
+                    continue
             replay.used = []
             before = alloc.peak_allocated
             logits = replay.forward(q_len, past, 1, use_cache=True, static_len=static)
@@ -1229,7 +1283,7 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES) -> d
             logits32 = new(b * V * 4)  # logits[:, -1].to(float32, copy=True)
             alloc.free(prev_logits32)
             prev_logits32 = logits32
-            if eos is not None and workload.new_tokens > 1:  # min-length processor: clone, then where
+            if scored:  # min-length processor: clone, then where
                 clone = new(b * V * 4)
                 scores = new(b * V * 4)
                 alloc.free(clone)
@@ -1238,7 +1292,8 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES) -> d
             alloc.free(logits)  # del outputs
             if alloc.peak_allocated > before:
                 peak_step = step
-            if step == 0 or any(t.sym for t in replay.used):
+            grew = step == 0 or any(t.sym for t in replay.used)
+            if grew:
                 seen, valid_to = {}, float("inf")
             else:
                 valid_to = min([valid_to] + [t.hi for t in replay.used])
@@ -1254,15 +1309,11 @@ class _Template:
     """A recorded piece of the program: ``ops`` on ``n`` slots, valid for past tokens in ``[lo, hi]``;
     ``sym``: some sizes are ``(a, b)``, i.e. ``a + b * past``. ``out``: what the piece hands back."""
 
-    __slots__ = ("ops", "n", "lo", "hi", "sym", "out")
+    __slots__ = ("ops", "n", "lo", "hi", "sym", "out", "loop")
 
     def __init__(self, ops: list, n: int, lo, hi, sym: bool, out):
         self.ops, self.n, self.lo, self.hi, self.sym, self.out = ops, n, lo, hi, sym, out
-
-    def sized(self, x: int) -> list:
-        if not self.sym:
-            return self.ops
-        return [(s, z if s < 0 or z.__class__ is int else -(-(z[0] + z[1] * x) // 512) * 512) for s, z in self.ops]
+        self.loop = None  # whether ``ops`` hold a loop (``_Repeat``), once ``_flatten`` asked
 
 
 class _Step:
@@ -1270,12 +1321,12 @@ class _Step:
     tensors in (``cache_in``: layer, slot, slot) and hand them out (``cache_out``: layer, slot, slot, tokens
     held), the logits' slot."""
 
-    __slots__ = ("ops", "n", "lo", "hi", "sym", "cache_in", "cache_out", "logits", "sized")
+    __slots__ = ("ops", "n", "lo", "hi", "sym", "cache_in", "cache_out", "logits", "fast")
 
     def __init__(self, tmpl: _Template, cache_in: list, cache_out: list, logits):
         self.ops, self.n, self.lo, self.hi, self.sym = tmpl.ops, tmpl.n, tmpl.lo, tmpl.hi, tmpl.sym
         self.cache_in, self.cache_out, self.logits = cache_in, cache_out, logits
-        self.sized = tmpl.sized
+        self.fast = None  # (glue, program for the allocator's ``decode``...): ``_Replay.fast_steps``
 
 
 class _Replay:
@@ -1305,11 +1356,8 @@ class _Replay:
 
     def state(self, *blocks) -> tuple:
         """What the next step's allocations depend on besides the past: the free blocks, the live ones."""
-        alloc = self.alloc
         live = [b for e in self.cache.values() for b in e[:2]] + list(blocks)
-        return (alloc.allocated, alloc.reserved, tuple(alloc._pools[False]), tuple(alloc._pools[True]),
-                tuple((b.ptr, b.size) if b is not None else None for b in live),
-                tuple(e[2] for e in self.cache.values()))
+        return self.alloc.state(live), tuple(e[2] for e in self.cache.values())
 
     # ---- recording --------------------------------------------------------------------------------
     def _template(self, key: tuple, x: int, symbolic: bool, record) -> _Template:
@@ -1363,7 +1411,7 @@ class _Replay:
             return self._step(q_len, past, logits_positions, use_cache, static_len)
         frame = self._frame(q_len, past, logits_positions, use_cache, static_len, symbolic)
         loc = [None] * frame.n
-        self._execute(frame.sized(past), loc, past, (q_len, static_len, use_cache, symbolic))
+        self._execute(frame.ops, loc, past, (q_len, static_len, use_cache, symbolic))
         return loc[frame.out[0]] if frame.out[0] is not None else None
 
     def _frame(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len, symbolic: bool):
@@ -1411,37 +1459,112 @@ class _Replay:
 
         return self._template(key, x, symbolic, record)
 
-    def _step(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len):
-        """A decode step as one flat list of ops over every layer (``_Step``), built once and run for
-        every step its pieces hold for: no per-layer bookkeeping between the allocator's requests."""
+    def _step_template(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len):
+        """The flattened decode step (``_Step``) valid at past ``x`` and its layers' descriptors, recorded if
+        none is; None for a step with a loop in a piece."""
         run = self.run
         descs = tuple(self._desc(i, x) for i in range(len(self.spec.layers)))
         key = ("step", q_len, logits_positions, use_cache, static_len, run.decoding, run.static_decode, descs)
-        step = None
         for cand in self.templates.get(key, ()):
             if cand.lo <= x <= cand.hi:
-                step = cand
-                break
-        if step is None:
-            step = self._flatten(q_len, x, logits_positions, use_cache, static_len, descs)
-            if step is None:  # a piece with a loop in it: run it piece by piece
-                frame = self._frame(q_len, x, logits_positions, use_cache, static_len, True)
-                loc = [None] * frame.n
-                self._execute(frame.sized(x), loc, x, (q_len, static_len, use_cache, True))
-                return loc[frame.out[0]] if frame.out[0] is not None else None
+                return cand, descs
+        step = self._flatten(q_len, x, logits_positions, use_cache, static_len, descs)
+        if step is not None:
             self.templates.setdefault(key, []).append(step)
+        return step, descs
+
+    def _step(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len):
+        """A decode step as one flat list of ops over every layer (``_Step``), built once and run for
+        every step its pieces hold for: no per-layer bookkeeping between the allocator's requests."""
+        step, _ = self._step_template(q_len, x, logits_positions, use_cache, static_len)
+        if step is None:  # a piece with a loop in it: run it piece by piece
+            frame = self._frame(q_len, x, logits_positions, use_cache, static_len, True)
+            loc = [None] * frame.n
+            self._execute(frame.ops, loc, x, (q_len, static_len, use_cache, True))
+            return loc[frame.out[0]] if frame.out[0] is not None else None
         self.used.append(step)
         loc = [None] * step.n
         cache = self.cache
         for i, s0, s1 in step.cache_in:
             entry = cache[i]
             loc[s0], loc[s1] = entry[0], entry[1]
-        self.alloc.run(step.sized(x), loc)
+        self.alloc.run(step.ops, loc, 0, x)
         for i, s0, s1, held in step.cache_out:
             if held.__class__ is tuple:
                 held = held[0] + held[1] * x
             cache[i] = [loc[s0] if s0 is not None else None, loc[s1] if s1 is not None else None, held]
         return loc[step.logits] if step.logits is not None else None
+
+    def fast_steps(self, x: int, count: int, static_len, glue: tuple, held: list) -> tuple[int, int] | None:
+        """Up to ``count`` whole decode steps from past ``x`` in one call of the allocator's ``decode`` (a
+        loop in C on the C allocator), while one flattened step serves them all: its sizes grow with the past
+        (a dynamic cache; the state does not repeat, so no step could be skipped), its recording holds and
+        every layer's cache descriptor (``_desc``) stays the same. Each step is the step's ops, then
+        ``glue`` (``simulate``'s logits copies) and the cache's hand-over, the same requests in the same
+        order as ``_step`` and ``simulate``'s loop. ``held``: ``[logits32, scores]``, updated. Returns the
+        steps run and the last of them (counted from 0) that raised the peak allocated, or -1; None
+        (nothing run) when the steps do not qualify."""
+        run = self.run
+        run.static_decode = static_len is not None
+        step, descs = self._step_template(1, x, 1, True, static_len)
+        if step is None or not step.sym:
+            return None
+        k = min(count, step.hi - x + 1)
+        for i, s0, s1, h in step.cache_out:
+            d = descs[i]
+            if d is None or (s0 is not None) != d[0] or (s1 is not None) != d[1]:
+                return None
+            if h.__class__ is tuple:  # the held tokens grow: "past" at every step only as x + 1
+                if d[2] != "past" or h != (1, 1):
+                    return None
+            elif d[2] == "past" or h != d[2]:
+                return None
+            elif h is not None and h > x:  # a fixed count stays not "past" until the past reaches it
+                k = min(k, h - x)
+        if k < 2:
+            return None
+        if step.fast is None or step.fast[0] != glue:
+            step.fast = (glue, *self._fast_program(step, glue))
+        _, ops, n, keep, l32, sc = step.fast
+        loc = [None] * n
+        cache = self.cache
+        for i, c0, c1 in step.cache_in:
+            loc[c0], loc[c1] = cache[i][0], cache[i][1]
+        loc[l32], loc[sc] = held
+        last = self.alloc.decode(ops, loc, keep, x, k)
+        x_end = x + k - 1
+        for i, c0, c1 in step.cache_in:
+            entry = cache[i]
+            h = entry[2]
+            cache[i] = [loc[c0], loc[c1], x_end + 1 if h == x else h]
+        held[:] = [loc[l32], loc[sc]]
+        self.used = [step]
+        return k, last
+
+    @staticmethod
+    def _fast_program(step: "_Step", glue: tuple) -> tuple:
+        """``step``'s ops and ``glue`` as one program for ``decode``: extra slots for the fp32 logits and
+        scores that live from one step to the next; at its end, moves (``(-3, (dst, src))``) of them and of
+        the cache into the slots the next step reads."""
+        logits32, scores = glue  # rounded bytes of each copy, or 0 when it is not tracked (or not made)
+        n = step.n
+        l32, sc, t1, clone, t2 = n, n + 1, n + 2, n + 3, n + 4
+        ops, moves = list(step.ops), []
+        if logits32:  # logits32 = logits[:, -1].float(); free(prev_logits32)
+            ops += [(t1, logits32), (l32, 0)]
+            moves.append((-3, (l32, t1)))
+        if scores:  # min-length processor: clone, then where
+            ops += [(clone, scores), (t2, scores), (clone, 0), (sc, 0)]
+            moves.append((-3, (sc, t2)))
+        if step.logits is not None:
+            ops.append((step.logits, 0))
+        out = {i: (s0, s1) for i, s0, s1, _ in step.cache_out}
+        keep = [l32, sc]
+        for i, c0, c1 in step.cache_in:
+            s0, s1 = out[i]
+            moves += [(-3, (c0, -1 if s0 is None else s0)), (-3, (c1, -1 if s1 is None else s1))]
+            keep += [c0, c1]
+        return ops + moves, n + 5, keep, l32, sc
 
     def _flatten(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len, descs):
         """The frame's ops with every layer's ops spliced in at its layers op, slots renumbered; None when
@@ -1465,28 +1588,38 @@ class _Replay:
                 desc = descs[i]
                 tmpl = self._layer_template(i, layer, x, q_len, static_len, use_cache, True, small,
                                             kept and i == 0, desc)
-                if any(ts == -1 for ts, _ in tmpl.ops):
+                if tmpl.loop is None:
+                    tmpl.loop = any(ts == -1 for ts, _ in tmpl.ops)
+                if tmpl.loop:
                     return None
                 lo, hi, sym = max(lo, tmpl.lo), min(hi, tmpl.hi), sym or tmpl.sym
-                local = {0: h}
+                # the layer's slots: 0 the input (h), 1 and 2 its cache (n, n + 1), 3.. its own (base + slot)
+                c = n
                 if desc is not None:
-                    local[1], local[2] = n, n + 1
                     cache_in.append((i, n, n + 1))
                     n += 2
-                for ls in range(3, tmpl.n):
-                    local[ls] = n
-                    n += 1
-                for ts, tz in tmpl.ops:
-                    ops.append((local[ts], tz))
+                base = n - 3
+                n += tmpl.n - 3
+
+                def local(ts, h=h, c=c, base=base, cached=desc is not None):
+                    if ts >= 3:
+                        return base + ts
+                    if ts == 0:
+                        return h
+                    return c + ts - 1 if cached else None
+
+                t_ops = tmpl.ops
+                if h is None:  # an untracked input: its frees go
+                    t_ops = [op for op in t_ops if op[0] != 0]
+                ops += [(ts + base if ts >= 3 else local(ts), tz) for ts, tz in t_ops]
                 h_out, s0, s1, held = tmpl.out
-                h = local[h_out] if h_out is not None else None
+                h = local(h_out) if h_out is not None else None
                 if s0 is not None or s1 is not None or held is not None:
-                    cache_out.append((i, local.get(s0) if s0 is not None else None,
-                                      local.get(s1) if s1 is not None else None, held))
+                    cache_out.append((i, local(s0) if s0 is not None else None,
+                                      local(s1) if s1 is not None else None, held))
                 else:
                     cache_out.append((i, None, None, None))
             rename[out] = h if h is not None else out
-        ops = [(s, z) for s, z in ops if s is not None]  # frees of an untracked input
         logits = frame.out[0]
         return _Step(_Template(ops, n, lo, hi, sym, None), cache_in, cache_out,
                      rename[logits] if logits is not None else None)
@@ -1498,7 +1631,7 @@ class _Replay:
             tmpl = self._layer_template(i, layer, x, q_len, static_len, use_cache, symbolic, small,
                                         kept and i == 0, self._desc(i, x))
             lloc = [h, entry[0] if entry else None, entry[1] if entry else None] + [None] * (tmpl.n - 3)
-            self._execute(tmpl.sized(x), lloc, x, None)
+            self._execute(tmpl.ops, lloc, x, None)
             h_out, s0, s1, held = tmpl.out
             h = lloc[h_out] if h_out is not None else None
             if s0 is None and s1 is None and held is None:
@@ -1512,7 +1645,7 @@ class _Replay:
     def _execute(self, ops: list, loc: list, x: int, frame) -> None:
         run, n, i = self.alloc.run, len(ops), 0
         while True:
-            i = run(ops, loc, i)
+            i = run(ops, loc, i, x)
             if i == n:
                 return
             slot, arg = ops[i]
@@ -1531,12 +1664,10 @@ class _Replay:
         before its predecessor is freed, so two places alternate: p = 2) and the peaks are already seen:
         skip whole periods, run the rest."""
         alloc = self.alloc
-        pools = alloc._pools
         seen: dict = {}
         left = rep.count
         while left:
-            state = (alloc.allocated, alloc.reserved, tuple(pools[False]), tuple(pools[True]),
-                     tuple((loc[i].ptr, loc[i].size) for i, _ in rep.carry if loc[i] is not None))
+            state = alloc.state([loc[i] for i, _ in rep.carry if loc[i] is not None])
             if state in seen:
                 left %= seen[state] - left  # the period
                 seen = {}
@@ -1611,3 +1742,11 @@ def parameter_bytes(spec: ModelSpec, workload) -> list[int]:
     if not spec.tie_word_embeddings:
         out.append(V * H * w)
     return [int(x) for x in out]
+
+
+def attention_used(model_type: str, attn: str) -> str:
+    """The attention path transformers 5.17 takes for ``attn``: a family without an sdpa path (gpt-oss,
+    whose sinks need eager) runs eager when asked for sdpa."""
+    if attn == "sdpa" and not LAYOUTS.get(model_type, DEFAULT_LAYOUT).sdpa:
+        return "eager"
+    return attn

@@ -311,6 +311,10 @@ def _resolve(name: str, group_size: int | None = None) -> tuple[QuantFormat, int
         group = group_size
     if group is None:
         group = fmt.group_size
+    # Quantizers and their kernels (GPTQ/exllama/marlin, AWQ, fp8 block scaling) take power-of-two
+    # groups: 32, 64, 128, 256..., or -1 for one group per output channel.
+    if group is not None and group != -1 and (group < 16 or group & (group - 1)):
+        raise UserError(f"group size {group} of {fmt.name} is not a power of two >= 16 (e.g. 32, 64, 128), nor -1")
     if fmt.name == "fp8-block" and group == -1:
         raise UserError("fp8-block needs a positive block size")
     return fmt, group
@@ -546,3 +550,186 @@ def read_safetensors_tensors(folder: Path) -> dict[str, StoredTensor]:
 def read_safetensors_sizes(folder: Path) -> dict[str, int]:
     """Exact stored bytes per tensor name, from the safetensors headers of a folder (see above)."""
     return {name: t.nbytes for name, t in read_safetensors_tensors(folder).items()}
+
+
+# --- the format a config.json's quantization_config names ----------------------------------------------
+
+# quant_method values (transformers' QuantizationMethod) that quant_from_config maps to a format here
+SUPPORTED_QUANT_METHODS = ("gptq", "awq", "fp8", "fbgemm_fp8", "mxfp4", "compressed-tensors", "bitsandbytes",
+                           "torchao")
+
+
+def quant_from_config(config: Mapping) -> tuple[str | None, str]:
+    """(format, where it came from) for the ``quantization_config`` of a config.json.
+
+    The format is a ``normalize_quant`` name ("gptq-int4", "awq-int4-g64", "fp8-block", "mxfp4"...), or
+    None when the config has no quantization_config; the text says where it came from in one line
+    ("config.json quantization_config: gptq 4-bit, group 128, act-order"). A multimodal wrapper's
+    top-level quantization_config wins over its text_config's. A method or setting vramcal cannot size
+    raises a UserError naming the supported ones.
+    """
+    qc = config.get("quantization_config") if isinstance(config, Mapping) else None
+    if not qc and isinstance(config, Mapping) and isinstance(config.get("text_config"), Mapping):
+        qc = config["text_config"].get("quantization_config")
+    if not qc:
+        return None, ""
+    if not isinstance(qc, Mapping):
+        raise UserError(f"config.json quantization_config must be an object, got {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method is None and (qc.get("load_in_4bit") or qc.get("load_in_8bit")):
+        method = "bitsandbytes"  # configs written before quant_method existed
+    reader = _QUANT_READERS.get(str(method).lower().replace("_", "-") if method is not None else "")
+    if reader is None:
+        raise UserError(f"config.json quantization_config: quant_method {method!r} is not supported; supported: "
+                        f"{', '.join(SUPPORTED_QUANT_METHODS)} (or pass --quant to choose a format)")
+    fmt, detail = reader(qc)
+    return normalize_quant(fmt), f"config.json quantization_config: {detail}"
+
+
+def _qc_int(qc: Mapping, *keys: str, default=None):
+    """The first of ``keys`` present in a quantization_config, as an int (bits, group sizes)."""
+    for key in keys:
+        if qc.get(key) is not None:
+            value = qc[key]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"config.json quantization_config: '{key}' must be an integer, got {value!r}")
+            return value
+    return default
+
+
+def _bits(method: str, bits: int, allowed: tuple[int, ...]) -> int:
+    if bits not in allowed:
+        raise UserError(f"config.json quantization_config: {method} {bits}-bit is not supported; "
+                        f"supported: {', '.join(f'{b}-bit' for b in allowed)} (or pass --quant)")
+    return bits
+
+
+def _group_suffix(group: int) -> str:
+    if group != -1 and group <= 0:
+        raise UserError(f"config.json quantization_config: group size must be positive or -1, got {group}")
+    return f"-g{group}"
+
+
+def _group_text(group: int) -> str:
+    return "per channel" if group == -1 else f"group {group}"
+
+
+def _qc_gptq(qc: Mapping) -> tuple[str, str]:
+    # AutoGPTQ / gptqmodel / transformers GPTQConfig: bits, group_size (-1: one group per row), desc_act
+    bits = _bits("gptq", _qc_int(qc, "bits", "w_bit", default=4), (4, 8))
+    group = _qc_int(qc, "group_size", "q_group_size", default=128)
+    act = ", act-order" if qc.get("desc_act") else ""  # g_idx is stored either way: same bytes
+    return f"gptq-int{bits}{_group_suffix(group)}", f"gptq {bits}-bit, {_group_text(group)}{act}"
+
+
+def _qc_awq(qc: Mapping) -> tuple[str, str]:
+    # transformers AwqConfig (bits, group_size, version/backend) and AutoAWQ's own (w_bit, q_group_size)
+    bits = _bits("awq", _qc_int(qc, "bits", "w_bit", default=4), (4,))
+    group = _qc_int(qc, "group_size", "q_group_size", default=128)
+    version = str(qc.get("version") or qc.get("format") or "gemm").lower()
+    layout = "" if version == "gemm" else f", {version} kernels (sized as the GEMM layout)"
+    return f"awq-int4{_group_suffix(group)}", f"awq {bits}-bit, {_group_text(group)}{layout}"
+
+
+def _fp8_block(block, source: str = "fp8") -> tuple[str, str]:
+    if not block:
+        return "fp8", f"{source}, per-tensor scale"
+    if (not isinstance(block, (list, tuple)) or len(block) != 2 or len(set(block)) != 1
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise UserError(f"config.json quantization_config: fp8 block {block!r} is not supported; "
+                        "supported: square blocks [N, N] (or pass --quant)")
+    return f"fp8-block-g{block[0]}", f"{source}, {block[0]}x{block[1]} blocks"
+
+
+def _qc_fp8(qc: Mapping) -> tuple[str, str]:
+    # transformers FineGrainedFP8Config: weight_block_size, default (128, 128); null: one scale per tensor
+    return _fp8_block(qc.get("weight_block_size", [128, 128]))
+
+
+def _qc_fbgemm_fp8(qc: Mapping) -> tuple[str, str]:
+    return "fp8-channel", "fbgemm fp8, per-channel scale"
+
+
+def _qc_mxfp4(qc: Mapping) -> tuple[str, str]:
+    return "mxfp4", "mxfp4 experts"
+
+
+def _qc_bnb(qc: Mapping) -> tuple[str, str]:
+    # transformers BitsAndBytesConfig defaults: bnb_4bit_quant_type "fp4", bnb_4bit_use_double_quant False
+    if qc.get("load_in_8bit") and not qc.get("load_in_4bit"):
+        return "bnb-int8", "bitsandbytes 8-bit (LLM.int8)"
+    if not qc.get("load_in_4bit"):
+        raise UserError("config.json quantization_config: bitsandbytes without load_in_4bit or load_in_8bit; "
+                        "supported: 4-bit (nf4, fp4) and 8-bit (or pass --quant)")
+    kind = str(qc.get("bnb_4bit_quant_type") or "fp4").lower()
+    if kind not in ("nf4", "fp4"):
+        raise UserError(f"config.json quantization_config: bnb_4bit_quant_type {kind!r} is not supported; "
+                        "supported: nf4, fp4")
+    double = bool(qc.get("bnb_4bit_use_double_quant", False))
+    name = f"bnb-{kind}" + ("" if double else "-nodq")
+    return name, f"bitsandbytes 4-bit {kind}" + (", double quantization" if double else "")
+
+
+# torchao configs (transformers TorchAoConfig): a quant_type string with quant_type_kwargs, or a serialized
+# AOBaseConfig {"default": {"_type": "Int4WeightOnlyConfig", "_data": {...}}}
+_TORCHAO_TYPES = {"int4_weight_only": "torchao-int4wo", "int4weightonlyconfig": "torchao-int4wo",
+                  "int8_weight_only": "torchao-int8wo", "int8weightonlyconfig": "torchao-int8wo"}
+
+
+def _qc_torchao(qc: Mapping) -> tuple[str, str]:
+    quant_type, kwargs = qc.get("quant_type"), qc.get("quant_type_kwargs") or {}
+    if isinstance(quant_type, Mapping):  # serialized config objects, per module fqn ("default" for all)
+        entry = quant_type.get("default") or next(iter(quant_type.values()), {})
+        quant_type, kwargs = (entry or {}).get("_type"), (entry or {}).get("_data") or {}
+    fmt = _TORCHAO_TYPES.get(str(quant_type).lower())
+    if fmt is None:
+        raise UserError(f"config.json quantization_config: torchao {quant_type!r} is not supported; supported: "
+                        "int4_weight_only (Int4WeightOnlyConfig), int8_weight_only (Int8WeightOnlyConfig)")
+    if fmt == "torchao-int8wo":
+        return fmt, "torchao int8 weight-only"
+    group = _qc_int(kwargs, "group_size", default=128)
+    return f"{fmt}{_group_suffix(group)}", f"torchao int4 weight-only, {_group_text(group)}"
+
+
+def _qc_compressed_tensors(qc: Mapping) -> tuple[str, str]:
+    # llm-compressor / compressed-tensors: config_groups {name: {weights: {num_bits, type, strategy,
+    # group_size, block_structure}, targets}}; the first group that quantizes weights decides.
+    groups = qc.get("config_groups") or {}
+    weights = next((g.get("weights") for g in groups.values() if isinstance(g, Mapping) and g.get("weights")), None)
+    fmt_name = qc.get("format") or "compressed-tensors"
+    if not isinstance(weights, Mapping):
+        raise UserError("config.json quantization_config: compressed-tensors without quantized weights in "
+                        "config_groups is not supported (or pass --quant)")
+    bits, kind = weights.get("num_bits"), str(weights.get("type") or "int").lower()
+    strategy = str(weights.get("strategy") or "tensor").lower()
+    source = f"compressed-tensors ({fmt_name})"
+    if kind == "float" and bits == 8:
+        if strategy == "block":
+            return _fp8_block(weights.get("block_structure") or [128, 128], f"{source} fp8")
+        if strategy == "channel":
+            return "fp8-channel", f"{source} fp8, per-channel scale"
+        if strategy == "tensor":
+            return "fp8", f"{source} fp8, per-tensor scale"
+    if kind == "int" and bits == 4 and strategy in ("group", "channel"):
+        group = _qc_int(weights, "group_size", default=128) if strategy == "group" else -1
+        # packed int4 + per-group scales: the GPTQ layout's bytes within its g_idx and zeros (< 1%)
+        return (f"gptq-int4{_group_suffix(group)}",
+                f"{source} int4, {_group_text(group)} (sized as the GPTQ int4 layout)")
+    if kind == "int" and bits == 8 and strategy == "channel":
+        # int8 (out, in) + a scale per output channel: the same bytes as fp8 with per-channel scales
+        return "fp8-channel", f"{source} int8, per-channel scale (1 byte per weight + a scale per row)"
+    raise UserError(f"config.json quantization_config: compressed-tensors {kind} {bits}-bit {strategy} weights "
+                    "are not supported; supported: fp8 (tensor, channel, block), int4 (group, channel), "
+                    "int8 (channel) (or pass --quant)")
+
+
+_QUANT_READERS: dict[str, Callable[[Mapping], tuple[str, str]]] = {
+    "gptq": _qc_gptq,
+    "awq": _qc_awq,
+    "fp8": _qc_fp8,
+    "fbgemm-fp8": _qc_fbgemm_fp8,
+    "mxfp4": _qc_mxfp4,
+    "compressed-tensors": _qc_compressed_tensors,
+    "bitsandbytes": _qc_bnb,
+    "torchao": _qc_torchao,
+}

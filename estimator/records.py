@@ -14,9 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from estimator.errors import UserError, require_extra
+from estimator.resources import schema_dir
 
 SCHEMA = "vramcal.record/1"
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "results" / "schema" / "record-1.json"
+SCHEMA_PATH = schema_dir() / "record-1.json"
 
 # What makes two measurements "the same case". Everything that changes device memory and that a sweep
 # varies; not the versions (a case re-measured under a new torch is the same case, compared across

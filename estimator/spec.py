@@ -97,6 +97,21 @@ class ModelSpec:
     buffer_elems: int = 0
     # Exact stored bytes per tensor name, when read from safetensors headers (quantized checkpoints).
     stored_bytes: Mapping[str, int] | None = field(default=None, repr=False, compare=False)
+    # Parameters per part, summing to num_parameters: {"language_model": ...} and, for a multimodal
+    # wrapper, "vision_tower" / "multi_modal_projector" (estimator/towers.py; also in other_params).
+    parts: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # Sub-configs of a wrapper that nothing counted (e.g. ("audio_config",)): their weights are missing.
+    uncounted_parts: tuple[str, ...] = ()
+    # The weight format config.json's quantization_config names (estimator.quant.quant_from_config), for
+    # an estimate without --quant: a normalize_quant name or None, and where it came from in one line.
+    default_quant: str | None = None
+    default_quant_source: str = ""
+    # Set instead when quantization_config names a method vramcal cannot size: the UserError message to
+    # raise if no --quant overrides it.
+    default_quant_error: str | None = None
+    config_dtype: str | None = None  # the config's dtype / torch_dtype, canonical ("bfloat16"), if known
+    # The fraction of head_dim that rotary embeddings rotate (rope_parameters / partial_rotary_factor).
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "other_params", MappingProxyType(dict(self.other_params)))

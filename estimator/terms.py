@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimator.dtypes import dtype_bytes, normalize_dtype
+from estimator.dtypes import COMPUTE_DTYPES, dtype_bytes, normalize_dtype
 from estimator.errors import UserError
 from estimator.program import simulate
 from estimator.quant import normalize_quant
@@ -51,7 +51,11 @@ class Workload:
         _check_choice("attn", self.attn, ATTN_IMPLEMENTATIONS)
         _check_choice("cache", self.cache, CACHE_IMPLEMENTATIONS)
         _check_choice("framework", self.framework, FRAMEWORKS)
-        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        _check_size("context", self.context)
+        _check_size("batch", self.batch)
+        if self.max_cache_len is not None:
+            _check_size("max-cache-len", self.max_cache_len)
+        object.__setattr__(self, "dtype", _compute_dtype(self.dtype))
         object.__setattr__(self, "quant", normalize_quant(self.quant))
         if self.kv_dtype is not None:
             object.__setattr__(self, "kv_dtype", normalize_dtype(self.kv_dtype))
@@ -64,6 +68,12 @@ class Workload:
             )
         if self.max_cache_len is not None and self.max_cache_len < self.context:
             raise UserError(f"--max-cache-len ({self.max_cache_len}) is below --context ({self.context})")
+        if self.max_cache_len is not None and self.cache != "static":
+            raise UserError("--max-cache-len sizes a static cache; add --cache static, or drop it "
+                            "(a dynamic cache grows to --context)")
+        if self.framework == "vllm" and self.cache == "static":
+            raise UserError("--cache static is transformers' StaticCache; vLLM keeps its own paged cache "
+                            "(drop --cache, or use --framework transformers)")
 
     @property
     def prompt_tokens(self) -> int:
@@ -108,6 +118,33 @@ class Workload:
             "framework": self.framework,
             "max_cache_len": self.max_cache_len,
         }
+
+
+# Products of sizes must stay countable in 64-bit bytes; far below that no GPU holds the job anyway.
+MAX_SIZE = 2**40
+
+
+def _check_size(name: str, value: int) -> None:
+    if value > MAX_SIZE:
+        raise UserError(f"--{name} {value:,} is beyond any GPU (at most {MAX_SIZE:,})")
+
+
+_WEIGHT_FORMAT_HINT = {
+    "int4": "--quant gptq-int4 (or awq-int4, bnb-nf4, torchao-int4wo)",
+    "int8": "--quant bnb-int8 (or gptq-int8, torchao-int8wo)",
+    "float8_e4m3fn": "--quant fp8 (or fp8-block)",
+    "float8_e5m2": "--quant fp8",
+}
+
+
+def _compute_dtype(name: str) -> str:
+    """The dtype a model computes in: bfloat16, float16 or float32. Weight formats go through --quant."""
+    dtype = normalize_dtype(name)
+    if dtype not in COMPUTE_DTYPES:
+        hint = _WEIGHT_FORMAT_HINT.get(dtype, "--quant")
+        raise UserError(f"--dtype {name} is not a compute dtype (allowed: {', '.join(COMPUTE_DTYPES)}); "
+                        f"quantized weights go through {hint}, a quantized KV cache through --kv-dtype")
+    return dtype
 
 
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:

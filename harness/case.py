@@ -279,6 +279,36 @@ class Case:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def _positions_of(case: Case) -> tuple[str | None, int | None]:
+    """(model_type, max positions) of the case's model: the estimator's ModelSpec where it reads the
+    config, else the config as stored (a family the estimator does not model is still measured)."""
+    try:
+        from estimator.catalogue import load_model
+
+        spec = load_model(case.source)
+        return spec.model_type, spec.max_position_embeddings
+    except Exception:  # noqa: BLE001 - the stored config answers the two fields, whatever the estimator says
+        config = case.read_config()
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for cfg in (config, text):
+        for key in ("max_position_embeddings", "n_positions"):
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return cfg.get("model_type") or config.get("model_type"), value
+    return config.get("model_type"), None
+
+
+def check_positions(case: Case) -> str | None:
+    """``estimator.positions.check_context`` for a case, before it runs: UserError (one line) for a context
+    a model with learned absolute position embeddings cannot run (GPT-2 at 5,000 tokens dies with an
+    IndexError); a one-line note for a context beyond a rotary model's trained positions (it runs, and
+    its memory is what a record measures); None within the positions."""
+    from estimator.positions import check_context
+
+    model_type, positions = _positions_of(case)
+    return check_context(model_type, positions, case.context, case.model)
+
+
 def default_alloc_conf() -> str:
     """The allocator config this process would hand to CUDA (new name first, as torch reads it)."""
     return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""

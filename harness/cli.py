@@ -11,7 +11,10 @@ def register(subparsers) -> None:
         "measure",
         help="measure one case on this machine's GPU (or CPU) and append its record to a .jsonl file",
         description="Measure one case in a fresh worker process and append one vramcal.record/1 line to --out. "
-                    "--context counts prompt + new tokens (context 1024 with 16 new tokens: a 1008-token prompt).",
+                    "--context counts prompt + new tokens (context 1024 with 16 new tokens: a 1008-token prompt). "
+                    "A case already in --out is skipped unless --repeat. Bad input (an unknown model, a config "
+                    "that cannot be built, a context beyond learned position embeddings, an unusable --out) "
+                    "exits 2 before anything is measured; an OOM or a crash while measuring is a record.",
     )
     p.add_argument("model", help="catalogue name (configs/models), config.json, checkpoint folder or HF repo id")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -31,6 +34,9 @@ def register(subparsers) -> None:
                    help="cap the case's memory (cuda: memory fraction; cpu: tracker limit) to provoke an OOM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="record file to append to")
+    p.add_argument("--repeat", action="store_true",
+                   help="measure the case again when --out already holds it (default: say so and skip it, "
+                        "as a sweep does)")
     p.add_argument("-v", "--verbose", action="store_true", help="show the worker's output")
     p.set_defaults(func=_measure)
 
@@ -38,8 +44,9 @@ def register(subparsers) -> None:
         "sweep",
         help="measure every case of a sweep file (resumable: cases already in the output are skipped)",
         description="Run configs/sweeps/NAME.toml: one worker process per model, records appended as measured; "
-                    "a rerun skips cases already in the output file. Exit status 1 if a case ended in error "
-                    "(an OOM is a result, not an error).",
+                    "a rerun skips cases already in the output file. Before anything is measured, every case is "
+                    "checked (output file, contexts against learned position embeddings, model builds): bad "
+                    "input exits 2. Exit status 1 if a case ended in error (an OOM is a result, not an error).",
     )
     s.add_argument("sweep_file", metavar="SWEEP.toml")
     s.add_argument("--out", metavar="FILE.jsonl", help="record file (default: the sweep's `out`, else results/NAME.jsonl)")
@@ -53,11 +60,17 @@ def register(subparsers) -> None:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    from estimator.errors import UserError
-    from harness.case import Case, default_alloc_conf
+    """Everything that can be wrong with the input is checked before the worker measures: the options,
+    the model and its positions, --out and the records already in it; then the worker builds the model
+    on the meta device (a config it cannot build: exit 2, nothing written) before it measures."""
+    from estimator.errors import UserError, require_extra
+    from estimator.paths import check_output_file
+    from estimator.records import case_key
+    from harness.case import Case, check_positions, default_alloc_conf
     from harness.runner import run_cases
-    from harness.sweep import summary_line
+    from harness.sweep import EstimateFilter, existing_records, summary_line
 
+    require_extra("jsonschema", "harness")  # the record is validated before it is appended
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, not {args.batch}")
     alloc_conf = default_alloc_conf() if args.alloc_conf is None else args.alloc_conf
@@ -65,14 +78,27 @@ def _measure(args: argparse.Namespace) -> int:
                      workload=args.workload, context=args.context, batch=args.batch,
                      new_tokens=args.new_tokens, quant=args.quant, alloc_conf=alloc_conf,
                      memory_limit_bytes=args.memory_limit_bytes)
+    note = check_positions(case)
+    out = check_output_file(args.out, "--out")
+    existing = existing_records(out)
     gpu_name = None
     if case.device == "cuda":
         from harness.nvml import gpu_info
 
         gpu_name = gpu_info().name
-    records = run_cases([case], args.out, gpu_name=gpu_name, seed=args.seed, echo_stderr=args.verbose)
+    key = case.key(gpu_name)
+    before = [(i, r) for i, r in enumerate(existing, 1) if case_key(r) == key]
+    if before and not args.repeat:
+        line, rec = before[-1]
+        print(f"already measured: {case.label()} is record {line} of {out} (status {rec['status']}); "
+              "--repeat measures it again")
+        return 0
+    if note:
+        print(f"vramcal: note: {note}", file=sys.stderr)
+    records = run_cases([case], out, gpu_name=gpu_name, seed=args.seed, echo_stderr=args.verbose,
+                        check_first=True)
     rec = records[-1]
-    print(summary_line(case, rec))
+    print(summary_line(case, rec, EstimateFilter(case.device, None, 0).estimate_bytes(case)))
     return 1 if rec["status"] == "error" else 0
 
 

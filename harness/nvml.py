@@ -21,11 +21,12 @@ POLL_INTERVAL_S = 0.002
 
 
 def _pynvml():
+    from estimator.errors import require_extra
+
     try:
-        import pynvml
-    except ImportError:
-        raise UserError("NVML bindings are missing: pip install nvidia-ml-py "
-                        "(or pip install -e '.[harness]'); use --device cpu without a GPU") from None
+        pynvml = require_extra("pynvml", "harness")  # the nvidia-ml-py package
+    except UserError as exc:
+        raise UserError(f"{exc}; without a GPU, use --device cpu") from None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:

@@ -56,7 +56,8 @@ def _describe_exit(returncode: int | None) -> str:
 class Worker:
     """One spawned `python -m harness.worker` and its message stream."""
 
-    def __init__(self, cases: Sequence[Case], device: str, seed: int, echo_stderr: bool = False):
+    def __init__(self, cases: Sequence[Case], device: str, seed: int, echo_stderr: bool = False,
+                 check: str | None = None):
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harness.worker", "--parent-pid", str(os.getpid())],
@@ -65,7 +66,7 @@ class Worker:
         )
         self._stderr_thread = threading.Thread(target=self._read_stderr, args=(echo_stderr,), daemon=True)
         self._stderr_thread.start()
-        job = {"device": device, "framework": cases[0].framework, "seed": seed,
+        job = {"device": device, "framework": cases[0].framework, "seed": seed, "check": check,
                "cases": [c.to_dict() for c in cases]}
         try:
             self.proc.stdin.write(json.dumps(job) + "\n")
@@ -115,6 +116,40 @@ class Worker:
         return "no output on stderr"
 
 
+def _invalid(message: dict) -> UserError:
+    return UserError(f"{message.get('model')} cannot be built ({message.get('label')}): {message.get('error')}; "
+                     "nothing was measured")
+
+
+def check_cases(cases: Sequence[Case], echo_stderr: bool = False) -> None:
+    """Build every distinct model build of `cases` on the meta device, in one worker that touches no GPU
+    and allocates nothing; UserError (one line) for the first that cannot be built, or when torch or
+    transformers is missing. A sweep runs this before it measures anything."""
+    if not cases:
+        return
+    from harness.worker import distinct_builds
+
+    builds = distinct_builds(cases)
+    worker = Worker(builds, builds[0].device, seed=0, echo_stderr=echo_stderr, check="only")
+    done = False
+    try:
+        for message in worker.messages():
+            event = message.get("event")
+            if event == "fatal":
+                raise UserError(message.get("error") or "the checking worker could not start")
+            if event == "invalid":
+                raise _invalid(message)
+            if event == "done":
+                done = True
+                break
+    except BaseException:
+        worker.kill()
+        raise
+    code = worker.finish()
+    if not done:
+        raise UserError(f"the worker checking the models {_describe_exit(code)}: {worker.last_error_line()}")
+
+
 def run_cases(
     cases: Sequence[Case],
     out: Path,
@@ -124,11 +159,13 @@ def run_cases(
     on_start: Callable[[Case], None] | None = None,
     on_record: Callable[[Case, dict], None] | None = None,
     echo_stderr: bool = False,
+    check_first: bool = False,
 ) -> list[dict]:
     """Measure `cases` (already ordered) and append one record per case to `out`; returns them.
 
     Consecutive cases of the same process group share a worker. Raises UserError when a worker cannot
-    set up the device at all (nothing would be measured).
+    set up the device at all (nothing would be measured), and with `check_first` when the first worker
+    finds, before it measures, a model that cannot be built (`check_cases`, in the same process).
     """
     records: list[dict] = []
     groups: list[list[Case]] = []
@@ -137,12 +174,15 @@ def run_cases(
             groups[-1].append(case)
         else:
             groups.append([case])
+    check = "first" if check_first else None
     for group in groups:
         remaining = list(group)
         fruitless = 0
         while remaining:
             progressed = _run_worker(remaining, out, gpu_name=gpu_name, seed=seed, records=records,
-                                     on_start=on_start, on_record=on_record, echo_stderr=echo_stderr)
+                                     on_start=on_start, on_record=on_record, echo_stderr=echo_stderr,
+                                     check=check)
+            check = None
             fruitless = 0 if progressed else fruitless + 1
             if fruitless >= 2:
                 raise UserError(f"the measuring worker for {group[0].model} keeps dying before measuring "
@@ -151,11 +191,11 @@ def run_cases(
 
 
 def _run_worker(remaining: list[Case], out: Path, *, gpu_name, seed, records, on_start, on_record,
-                echo_stderr) -> bool:
+                echo_stderr, check=None) -> bool:
     """One worker over `remaining` (consumed in place). True if at least one record was written."""
     device = remaining[0].device
     by_key = {c.key(gpu_name): c for c in remaining}
-    worker = Worker(remaining, device, seed, echo_stderr=echo_stderr)
+    worker = Worker(remaining, device, seed, echo_stderr=echo_stderr, check=check)
     env = None
     in_flight: Case | None = None
     progressed = False
@@ -164,6 +204,8 @@ def _run_worker(remaining: list[Case], out: Path, *, gpu_name, seed, records, on
             event = message.get("event")
             if event == "fatal":
                 raise UserError(message.get("error") or "the measuring worker could not start")
+            if event == "invalid":
+                raise _invalid(message)
             if event == "hello":
                 env = message["env"]
                 if device == "cuda" and env.get("gpu_name") != gpu_name:

@@ -19,7 +19,10 @@ quant). An axis left out of a matrix takes the top-level value of the same name,
 
 For ``workloads = ["forward"]`` the cache and new_tokens axes do not apply (null and 0). A generate
 combination whose context does not exceed its new tokens is left out. Cases already in the output
-file (same case key, any status) are skipped, so a rerun resumes.
+file (same case key, any status) are skipped, so a rerun resumes (``vramcal measure`` follows the same
+rule). Before anything is measured, the whole sweep is checked: the output path, the records already
+in it, every case's context against its model's positions (a model with learned position embeddings
+cannot run past them: the sweep is refused), and every model build on the meta device.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from estimator.errors import UserError
+from estimator.compare import MEASURED, comparable_bytes
+from estimator.errors import UserError, require_extra
+from estimator.paths import check_output_file
 from estimator.records import case_key, read_records
-from harness.case import ATTNS, CACHES, DEVICES, WORKLOADS, Case, normalize_dtype
+from harness.case import ATTNS, CACHES, DEVICES, WORKLOADS, Case, check_positions, normalize_dtype
 
 GIB = 2**30
 
@@ -196,13 +201,14 @@ def order(cases: list[Case]) -> list[Case]:
 class EstimateFilter:
     """`estimator.estimate` of each case, to skip cases far beyond the device's memory.
 
-    On cuda the filter compares the estimate's `total_bytes` (the process's device memory, context
-    included) with the GPU's memory; on the CPU its `peak_allocated_bytes` (what the tracker measures)
-    with `memory_limit_bytes`, if the sweep sets one. A case the estimator cannot handle is measured.
+    The estimate is the one of what the device measures (`estimator.compare`): on cuda the estimate's
+    `total_bytes` (the process's device memory, context included) against the GPU's memory; on the CPU
+    its allocated peak without the cuBLAS workspace (the tracker's live tensor bytes) against
+    `memory_limit_bytes`, if the sweep sets one. A case the estimator cannot handle is measured.
     """
 
     def __init__(self, device: str, memory_bytes: int | None, ratio: float):
-        self.field = "total_bytes" if device == "cuda" else "peak_allocated_bytes"
+        self.device = device
         self.memory_bytes = memory_bytes
         self.ratio = ratio
         self._warned: set[str] = set()
@@ -221,7 +227,7 @@ class EstimateFilter:
             workload = Workload(context=case.context, batch=case.batch, new_tokens=case.new_tokens,
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
                                 attn=case.attn, cache=case.cache or "dynamic", framework=case.framework)
-            return int(getattr(estimate(self._specs[case.source], workload), self.field))
+            return comparable_bytes(estimate(self._specs[case.source], workload), self.device)
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
             self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "
                                    "its cases are not filtered")
@@ -241,12 +247,31 @@ class EstimateFilter:
 
 
 def existing_records(out: Path) -> list[dict]:
+    """The records already in an output file (none when it does not exist yet or is empty).
+
+    UserError, one line, when it holds anything else (a line that is not a record, an incomplete last
+    line): records are appended to it, so it is checked before anything is measured."""
+    out = Path(out)
     if not out.is_file() or out.stat().st_size == 0:
         return []
-    text = out.read_text(encoding="utf-8", errors="replace")
+    try:
+        with open(out, "rb") as handle:
+            handle.seek(-1, 2)
+            complete = handle.read(1) == b"\n"
+        text = out.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{out} is not a records file (not UTF-8 text); give another --out") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {out}: {exc.strerror or exc}") from None
     if not text.strip():
         return []
-    return read_records(out)
+    if not complete:
+        raise UserError(f"{out} ends with an incomplete line (an interrupted write?); remove that line, "
+                        "then run again")
+    try:
+        return read_records(out)
+    except UserError as exc:
+        raise UserError(f"{out} is not a records file to append to: {exc}; give another --out") from None
 
 
 def measured_keys(records: list[dict], retry_errors: bool) -> set[str]:
@@ -279,8 +304,8 @@ def summary_line(case: Case, rec: dict, estimate: int | None = None) -> str:
         if rec.get("kv_cache_bytes") is not None:
             parts.append(f"kv {format_bytes(rec['kv_cache_bytes'])}")
         if estimate is not None:
-            # the estimate compared is the one of the same quantity (see EstimateFilter)
-            measured = rec["peak_nvml_bytes"] if rec["device"] == "cuda" else rec["peak_allocated_bytes"]
+            # the estimate of the same quantity: NVML peak on cuda, live tensor bytes on the CPU
+            measured = rec[MEASURED[rec["device"]]]
             if measured:
                 parts.append(f"estimate {format_bytes(estimate)} ({(estimate - measured) / measured:+.1%})")
     else:
@@ -315,12 +340,38 @@ def gpu_of_this_machine(device: str, dry_run: bool, records: list[dict]) -> tupl
     return None, None
 
 
+def check_sweep_positions(sweep: Sweep, cases: list[Case]) -> list[str]:
+    """Every case's context against its model's positions, before anything runs (`check_positions`).
+
+    UserError (one line) when cases exceed the learned position embeddings of their model; returns one
+    note per model whose cases go beyond its trained (rotary) positions, for its longest such case."""
+    refused: list[tuple[Case, str]] = []
+    notes: dict[str, tuple[int, str]] = {}
+    for case in cases:
+        try:
+            note = check_positions(case)
+        except UserError as exc:
+            refused.append((case, str(exc)))
+            continue
+        if note and case.context >= notes.get(case.model, (0, ""))[0]:
+            notes[case.model] = (case.context, note)
+    if refused:
+        case, message = refused[0]
+        more = f" ({len(refused)} cases, the first: {case.label()})" if len(refused) > 1 else f" ({case.label()})"
+        raise UserError(f"{sweep.path}: {message}{more}; lower its contexts in the sweep file")
+    return [note for _, note in notes.values()]
+
+
 def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_errors=False,
               verbose=False) -> int:
+    require_extra("jsonschema", "harness")  # the records are validated as read and as written
     sweep = load_sweep(path)
     device = device or sweep.device
-    out_path = Path(out or sweep.out or f"results/{sweep.name}.jsonl")
+    out_path = check_output_file(out or sweep.out or f"results/{sweep.name}.jsonl",
+                                 "--out" if out else f"{sweep.path}: out")
     cases, left_out = expand(sweep, device)
+    for note in check_sweep_positions(sweep, cases):
+        print(f"vramcal: note: {note}", file=sys.stderr)
     records = existing_records(out_path)
     gpu_name, memory_bytes = gpu_of_this_machine(device, dry_run, records)
     if memory_bytes is None and device == "cuda" and sweep.gpu:
@@ -330,14 +381,18 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
     if device == "cpu":
         memory_bytes = sweep.memory_limit_bytes
     done = measured_keys(records, retry_errors)
+    pending = [case for case in order(cases) if case.key(gpu_name) not in done]
+    already = len(cases) - len(pending)
+    if pending and not dry_run:
+        require_extra("tqdm", "harness")
+        from harness.runner import check_cases
+
+        check_cases(pending, echo_stderr=verbose)  # every model builds (meta device) before anything is measured
     flt = EstimateFilter(device, memory_bytes, sweep.skip_over_estimate)
     to_run: list[Case] = []
     estimates: dict[Case, int | None] = {}
-    already = skipped = 0
-    for case in order(cases):
-        if case.key(gpu_name) in done:
-            already += 1
-            continue
+    skipped = 0
+    for case in pending:
         estimates[case] = flt.estimate_bytes(case)
         reason = flt.skip_reason(estimates[case])
         if reason:

@@ -68,6 +68,19 @@ class TraceResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TraceRun:
+    """A trace with what the traced estimate needs besides the `TraceResult` (harness/trace_estimate.py)."""
+
+    result: TraceResult
+    tracker: StorageTracker  # with `events` when run with record_events=True
+    num_parameters: int  # sum(p.numel()) over the model's parameters
+    parameter_bytes: int  # exact nbytes of the parameters
+    buffer_bytes: int  # exact nbytes of the buffers (rotary tables, position ids...)
+    cache_nbytes: int  # exact nbytes of every tensor the cache holds at the end (KV, conv/recurrent states)
+    max_positions: int | None = None  # the (text) config's max_position_embeddings / n_positions, if any
+
+
 # ---- GPU attention kernels ------------------------------------------------------------------------
 def cuda_sdpa_backend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False) -> str:
     """The backend torch 2.11 picks on an sm90 GPU (flash/cuDNN first, then mem-efficient, then math).
@@ -223,13 +236,28 @@ def build_config(config: dict):
         raise UserError(f"transformers cannot build a {model_type!r} config: {exc}") from None
 
 
+@contextlib.contextmanager
+def _no_weight_init():
+    """Skip the weights' random initialisation: fake tensors have no values to initialise, and some init
+    functions read them (`trunc_normal_` checks `mask.any()`, which fake tensors cannot answer). Shapes,
+    dtypes and tied weights are unchanged (`init_weights` still ties them)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.initialize_weights
+    PreTrainedModel.initialize_weights = lambda self: None
+    try:
+        yield
+    finally:
+        PreTrainedModel.initialize_weights = original
+
+
 def build_fake_model(config: dict, dtype: torch.dtype, attn: str, fake_mode):
     """The full-size model with fake parameters (no memory), in eval mode."""
     from transformers import AutoModelForCausalLM
 
     cfg = build_config(config)
     try:
-        with fake_mode:
+        with fake_mode, _no_weight_init():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
     except ValueError as exc:
         if "attention implementation" in str(exc) or "attn_implementation" in str(exc):
@@ -249,6 +277,9 @@ def build_fake_model(config: dict, dtype: torch.dtype, attn: str, fake_mode):
 @contextlib.contextmanager
 def _kv_cache_category(cache, tracker: StorageTracker):
     """Storages made inside `cache.update` (torch.cat for dynamic, the zeros of a static layer)."""
+    if cache is None:  # a cache the model makes itself: its storages stay activations in the breakdown
+        yield
+        return
     original = cache.update
 
     def update(*args, **kwargs):
@@ -349,17 +380,52 @@ def _experts_implementation(model, name: str | None):
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+# Where `generate` finds a model's cache in its outputs, and the keyword it passes it back under
+# (GenerationMixin._update_model_kwargs_for_generation, ALL_CACHE_NAMES).
+_CACHE_OUTPUTS = (("past_key_values", "past_key_values"), ("cache_params", "cache_params"), ("state", "state"),
+                  ("mems", "past_key_values"), ("past_buckets_states", "past_key_values"))
+
+
+def _forward_keywords(model) -> tuple[set, bool]:
+    """The keyword arguments the model's forward names, and whether it takes **kwargs."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return set(params), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _cache_keyword(model, names: set) -> str | None:
+    """The keyword the model takes its cache under, as `generate` names it (None: no cache at all)."""
+    preferred = "cache_params" if "mamba" in type(model).__name__.lower() else "past_key_values"
+    for name in (preferred,) + tuple(kw for _, kw in _CACHE_OUTPUTS):
+        if name in names:
+            return name
+    return None
+
+
 def _generate(model, tracker, batch, prompt, new_tokens, cache_kind, max_cache_len, decode_experts, known):
-    """Prefill + decode steps, keeping the same tensors alive as `GenerationMixin._sample` does."""
+    """Prefill + decode steps, keeping the same tensors alive as `GenerationMixin._sample` does.
+
+    The cache is built up front (DynamicCache or StaticCache) and passed under the keyword generate uses
+    (`cache_params` for Mamba-named classes); a model generate builds no cache for
+    (`_supports_default_dynamic_cache()` False: MiniMax, RWKV, xLSTM, XLNet, Reformer) makes its own in
+    the prefill, which is passed back from its outputs; a model whose forward takes no cache gets the
+    whole sequence at every step, as generate gives it.
+    """
     from transformers import DynamicCache, StaticCache
 
     text_config = model.config.get_text_config(decoder=True)
     vocab = text_config.vocab_size
     eos = getattr(model.generation_config, "eos_token_id", None)
-    if cache_kind == "static":
+    names, any_kwargs = _forward_keywords(model)
+    keyword = _cache_keyword(model, names)
+    prebuilt = keyword is not None and getattr(model, "_supports_default_dynamic_cache", lambda: True)()
+    cache = None
+    if prebuilt and cache_kind == "static":
         cache = StaticCache(config=text_config, max_cache_len=max_cache_len)
-    else:
+    elif prebuilt:
         cache = DynamicCache(config=text_config)
+    takes = {k: k in names or any_kwargs for k in ("position_ids", "use_cache", "logits_to_keep", "return_dict")}
     input_ids = torch.zeros((batch, prompt), dtype=torch.long)
     # The 2D all-ones attention mask generate keeps (and grows); the model gets None, which is what
     # transformers' mask code turns an all-ones mask into (sdpa's is_causal path, no 4D mask).
@@ -371,13 +437,19 @@ def _generate(model, tracker, batch, prompt, new_tokens, cache_kind, max_cache_l
         for step in range(new_tokens):
             phase = "prefill" if step == 0 else f"decode {step}"
             with tracker.phase(phase), _experts_implementation(model, decode_experts if step else None):
-                seq = input_ids.shape[1] if step == 0 else 1
+                seq = input_ids.shape[1] if step == 0 or keyword is None else 1
                 ids = input_ids[:, -seq:].clone(memory_format=torch.contiguous_format)
                 pos = position_ids[:, -seq:].clone(memory_format=torch.contiguous_format)
-                known["past"] = 0 if step == 0 else prompt + step - 1
-                outputs = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                                logits_to_keep=1, return_dict=True)
-                del ids, pos
+                known["past"] = 0 if step == 0 or keyword is None else prompt + step - 1
+                kwargs = {"position_ids": pos, "use_cache": True, "logits_to_keep": 1, "return_dict": True}
+                kwargs = {k: v for k, v in kwargs.items() if takes[k]}
+                if keyword is not None:
+                    kwargs[keyword] = cache
+                outputs = model(input_ids=ids, **kwargs)
+                del ids, pos, kwargs
+                if keyword is not None and not prebuilt:  # the model's own cache, for the next step
+                    cache = next((outputs[out] for out, _ in _CACHE_OUTPUTS
+                                  if out in outputs and outputs[out] is not None), None)
                 position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=-1)
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
                 with tracker.category(LOGITS):
@@ -437,14 +509,42 @@ def trace_model(
             with tracker.phase("forward"):
                 out = model(input_ids, use_cache=False)
             del out, input_ids
-            kv_cache_bytes = 0
+            kv_cache_bytes = cache_nbytes = 0
         else:
             kv = _generate(model, tracker, batch, prompt, new_tokens, cache,
                            max_cache_len or prompt + new_tokens - 1, decode_experts, known)
             kv_cache_bytes = tracker.breakdown().get(KV_CACHE, 0)
+            cache_nbytes = _held_nbytes(kv)
             del kv
     del workspace
-    return tracker, {"kv_cache_bytes": kv_cache_bytes, "sdpa_backends": dict(getattr(attention, "calls", {}))}
+    return tracker, {"kv_cache_bytes": kv_cache_bytes, "sdpa_backends": dict(getattr(attention, "calls", {})),
+                     "cache_nbytes": cache_nbytes}
+
+
+def _held_nbytes(obj) -> int:
+    """Exact nbytes of the distinct storages a cache object holds (its layers' keys, values and states)."""
+    storages: dict[int, int] = {}
+    seen: set[int] = set()
+
+    def walk(o, depth: int) -> None:
+        if depth > 6 or id(o) in seen:
+            return
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            s = o.untyped_storage()
+            storages[s._cdata] = s.nbytes()
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v, depth + 1)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v, depth + 1)
+        elif hasattr(o, "__dict__") and not isinstance(o, (type, torch.nn.Module)):
+            for v in vars(o).values():
+                walk(v, depth + 1)
+
+    walk(obj, 0)
+    return sum(storages.values())
 
 
 def trace(
@@ -462,6 +562,27 @@ def trace(
 ) -> TraceResult:
     """Trace one case from a config dict. `context` is prompt + new tokens (generate) or the sequence
     length (forward); `max_cache_len` (static cache) defaults to generate's `max_length - 1`."""
+    return run_trace(config, dtype=dtype, attn=attn, cache=cache, workload=workload, context=context,
+                     batch=batch, new_tokens=new_tokens, device_rules=device_rules,
+                     max_cache_len=max_cache_len).result
+
+
+def run_trace(
+    config: dict,
+    *,
+    dtype: str = "bfloat16",
+    attn: str = "sdpa",
+    cache: str | None = "dynamic",
+    workload: str = "generate",
+    context: int = 1024,
+    batch: int = 1,
+    new_tokens: int = 16,
+    device_rules: str = "cuda",
+    max_cache_len: int | None = None,
+    record_events: bool = False,
+) -> TraceRun:
+    """`trace`, keeping the tracker (with the allocation sequence when `record_events`) and the model's
+    parameter count, parameter and buffer bytes, and the bytes the cache holds at the end."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _check_choice("attn", attn, ATTN_IMPLEMENTATIONS)
@@ -487,10 +608,11 @@ def trace(
     with fake_mode:
         tracker, facts = trace_model(model, workload=workload, batch=batch, prompt=prompt,
                                      new_tokens=new_tokens, cache=cache, max_cache_len=max_cache_len,
-                                     device_rules=device_rules)
+                                     device_rules=device_rules, tracker=StorageTracker(record_events=record_events))
     storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in (*model.parameters(), *model.buffers())}
+    params = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in model.parameters()}
     categories = (WEIGHTS, KV_CACHE, ACTIVATIONS, LOGITS) + ((WORKSPACE,) if device_rules == "cuda" else ())
-    return TraceResult(
+    result = TraceResult(
         peak_allocated_bytes=tracker.peak_bytes,
         peak_phase=tracker.peak_phase,
         breakdown={c: tracker.peak_breakdown.get(c, 0) for c in categories},
@@ -509,6 +631,24 @@ def trace(
         sdpa_backends=facts["sdpa_backends"],
         duration_s=round(time.perf_counter() - started, 3),
     )
+    return TraceRun(
+        result=result,
+        tracker=tracker,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        parameter_bytes=sum(params.values()),
+        buffer_bytes=sum(s.nbytes() for k, s in storages.items() if k not in params),
+        cache_nbytes=facts["cache_nbytes"],
+        max_positions=_max_positions(model.config),
+    )
+
+
+def _max_positions(config) -> int | None:
+    text = config.get_text_config(decoder=True)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _check_choice(name: str, value, allowed) -> None:

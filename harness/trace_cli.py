@@ -47,6 +47,9 @@ def cmd_trace(args) -> int:
         raise UserError(f"--context {args.context} must exceed --new-tokens {args.new_tokens} "
                         "(context = prompt + new tokens)")
     config = resolve_config(args.model)
+    from estimator.config import parse_config
+
+    parse_config(config, args.model)  # a size no model can have fails here, before anything is built
     require_extra("torch", "harness")
     require_extra("transformers", "harness")
     from harness.trace import trace

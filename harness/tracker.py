@@ -23,6 +23,12 @@ Typical use::
         out = model(input_ids)
     tracker.peak_bytes, tracker.peak_phase, tracker.peak_breakdown
 
+With ``record_events=True`` the tracker also keeps the allocations and frees in order, as the input of
+the caching-allocator model (``estimator/allocator.py``): ``events`` holds ``(slot, nbytes)`` for an
+allocation of ``nbytes`` (exact storage bytes, not rounded) and ``(slot, 0)`` for the free of that
+slot; ``slot_categories[slot]`` is the slot's category, and ``phase_marks`` lists ``(index, phase)``
+where the phase of the events changes. A zero-byte storage makes no event (the allocator ignores it).
+
 Single-threaded by design: the tracked code and the frees run on one thread, as in a PyTorch eager run.
 """
 
@@ -90,10 +96,14 @@ class StorageTracker(TorchDispatchMode):
     peak). Bytes are rounded by `granularity` (512 = the CUDA caching allocator; 1 = exact nbytes).
     """
 
-    def __init__(self, granularity: int = CUDA_BLOCK_BYTES):
+    def __init__(self, granularity: int = CUDA_BLOCK_BYTES, record_events: bool = False):
         super().__init__()
         self.granularity = granularity
-        self._live: dict[int, list] = {}  # storage key -> [rounded bytes, raw nbytes, category]
+        self._live: dict[int, list] = {}  # storage key -> [rounded bytes, raw nbytes, category, event slot]
+        # the allocation/free sequence (see the module docstring); None unless record_events
+        self.events: list[tuple[int, int]] | None = [] if record_events else None
+        self.slot_categories: list[str] = []
+        self.phase_marks: list[tuple[int, str]] = []
         self._by_category: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self._phase = "default"
         self._category_stack: list[str] = []
@@ -138,6 +148,8 @@ class StorageTracker(TorchDispatchMode):
                 self._by_category[rec[2]] -= rec[0]
                 self._by_category[category] = self._by_category.get(category, 0) + rec[0]
                 rec[2] = category
+                if rec[3] is not None:
+                    self.slot_categories[rec[3]] = category
 
     def track_existing(self, obj, category: str | None = None) -> int:
         """Count storages made before the tracker started (e.g. parameters); returns bytes added."""
@@ -170,12 +182,24 @@ class StorageTracker(TorchDispatchMode):
         return len(self._live)
 
     # ---- bookkeeping ----------------------------------------------------------------------
+    def _event_alloc(self, nbytes: int, category: str) -> int | None:
+        """Record an allocation; returns its slot (None when not recording, or for zero bytes)."""
+        events = self.events
+        if events is None or nbytes <= 0:
+            return None
+        if not self.phase_marks or self.phase_marks[-1][1] != self._phase:
+            self.phase_marks.append((len(events), self._phase))
+        slot = len(self.slot_categories)
+        self.slot_categories.append(category)
+        events.append((slot, nbytes))
+        return slot
+
     def _add(self, storage, category: str | None) -> int:
         nbytes = storage.nbytes()
         size = allocator_bytes(nbytes, self.granularity)
         cat = category or (self._category_stack[-1] if self._category_stack else ACTIVATIONS)
         key = storage._cdata
-        self._live[key] = [size, nbytes, cat]
+        self._live[key] = [size, nbytes, cat, self._event_alloc(nbytes, cat)]
         f = weakref.finalize(storage, _on_free, self._self_ref, key)
         f.atexit = False
         self._by_category[cat] = self._by_category.get(cat, 0) + size
@@ -191,6 +215,8 @@ class StorageTracker(TorchDispatchMode):
         if rec is not None:
             self.live_bytes -= rec[0]
             self._by_category[rec[2]] -= rec[0]
+            if rec[3] is not None:
+                self.events.append((rec[3], 0))
 
     def _resized(self, storage, rec: list) -> None:
         """An in-place resize (`resize_`, an `out=` op) changed a tracked storage's size."""
@@ -199,6 +225,10 @@ class StorageTracker(TorchDispatchMode):
             return
         size = allocator_bytes(nbytes, self.granularity)
         delta = size - rec[0]
+        if self.events is not None:  # a resize allocates the new size, copies, then frees the old block
+            old_slot, rec[3] = rec[3], self._event_alloc(nbytes, rec[2])
+            if old_slot is not None:
+                self.events.append((old_slot, 0))
         rec[0], rec[1] = size, nbytes
         self._by_category[rec[2]] += delta
         self.live_bytes += delta

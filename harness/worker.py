@@ -1,10 +1,14 @@
 """The measuring process: one per (device, alloc_conf, model) group, spawned by `harness.runner`.
 
-Protocol: the parent writes one JSON line on stdin ({"device", "cases": [...], "seed"}) and keeps stdin
-open; its closing means the parent is gone and the worker exits. The worker answers JSON lines on its
-original stdout (Python's stdout is redirected to stderr, so stray prints cannot corrupt them):
+Protocol: the parent writes one JSON line on stdin ({"device", "cases": [...], "seed", "check"}) and keeps
+stdin open; its closing means the parent is gone and the worker exits. The worker answers JSON lines on
+its original stdout (Python's stdout is redirected to stderr, so stray prints cannot corrupt them):
 {"event": "hello", "env": {...}}, then per case {"event": "start", "key"} and {"event": "record",
-"record"}, finally {"event": "done"}; {"event": "fatal", "error"} when the device cannot be set up.
+"record"}, finally {"event": "done"}; {"event": "fatal", "error"} when torch or transformers is missing
+or the device cannot be set up. With "check" ("first" or "only"), before the device is touched, every
+distinct model build of the cases is built on the meta device: {"event": "invalid", "model", "label",
+"error"} for the first that cannot be (bad input: nothing is measured), else {"event": "checked"};
+"only" then ends with {"event": "done"}.
 
 CUDA method (the reference records' method): NVML `used` before CUDA init is the baseline;
 `torch.cuda.init()`, a 256x256 bf16 matmul and `empty_cache()` give `context_bytes`; the model is built
@@ -33,7 +37,7 @@ import sys
 import threading
 import time
 
-from estimator.errors import UserError
+from estimator.errors import UserError, require_extra
 from estimator.records import SCHEMA, case_key
 from harness.case import Case, default_alloc_conf
 
@@ -96,8 +100,7 @@ class Session:
             # before this process touches the GPU: everything above this is ours
             self.others_at_baseline = self.nv.other_processes(self_on_gpu=False)
             self.baseline_bytes = self.nv.used_bytes()
-        import torch
-
+        torch = require_extra("torch", "harness")
         self.torch = torch
         if device == "cuda":
             if not torch.cuda.is_available():
@@ -350,6 +353,25 @@ def base_record(case: Case, env: dict, seed: int | None = 0, config: dict | None
     return rec
 
 
+def check_build(backend, case: Case) -> str | None:
+    """None if the case's model builds on the meta device, else the error on one line."""
+    try:
+        backend.check(case)
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises is the config's problem
+        return one_line(exc, limit=200)
+    finally:
+        gc.collect()
+    return None
+
+
+def distinct_builds(cases) -> list[Case]:
+    """One case per (framework, model source, dtype, attention, quantization)."""
+    builds: dict[tuple, Case] = {}
+    for case in cases:
+        builds.setdefault((case.framework, case.source, case.build_group()), case)
+    return list(builds.values())
+
+
 # ---- the subprocess ----------------------------------------------------------------------------
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the parent dies: PR_SET_PDEATHSIG where Linux offers it, and stdin reaching EOF."""
@@ -388,8 +410,29 @@ def main(argv: list[str] | None = None) -> int:
     _watch_parent(args.parent_pid)
     cases = [Case.from_dict(c) for c in job.get("cases", [])]
     crash_key = os.environ.get("VRAMCAL_TEST_CRASH_KEY")
+    framework = job.get("framework", "transformers")
+    try:  # before anything else: a missing extra is bad input, said on one line with the fix
+        require_extra("torch", "harness")
+        require_extra("transformers", "harness")
+        if job.get("check"):
+            from harness.backends import get_backend
+
+            backend = get_backend(framework)
+    except UserError as exc:
+        send({"event": "fatal", "error": str(exc)})
+        return 2
+    if job.get("check"):
+        for case in distinct_builds(cases):
+            error = check_build(backend, case)
+            if error:
+                send({"event": "invalid", "model": case.model, "label": case.label(), "error": error})
+                return 2
+        send({"event": "checked"})
+        if job["check"] == "only":
+            send({"event": "done"})
+            return 0
     try:
-        session = Session(job.get("device", "cpu"), job.get("framework", "transformers"), job.get("seed", 0))
+        session = Session(job.get("device", "cpu"), framework, job.get("seed", 0))
     except UserError as exc:
         send({"event": "fatal", "error": str(exc)})
         return 2

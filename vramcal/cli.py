@@ -13,7 +13,7 @@ import sys
 from estimator.errors import UserError
 
 # Modules that provide ``register(subparsers)``; each subcommand sets ``func`` via set_defaults.
-COMMAND_MODULES = ("estimator.cli", "harness.cli", "harness.trace_cli", "calibration.cli")
+COMMAND_MODULES = ("estimator.cli", "harness.cli", "harness.trace_cli", "calibration.cli", "calibration.vllm_cli")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -4,6 +4,7 @@ A backend module provides::
 
     NAME: str
     version() -> str
+    check(case) -> None                             # raises when the case's model cannot be built (meta device)
     build(case, device: str) -> model              # on `device`, in eval mode
     weights_bytes(model) -> int                     # parameters + buffers
     config_dict(model) -> dict                      # the full resolved config

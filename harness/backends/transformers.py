@@ -57,6 +57,22 @@ def _quantization_config(quant: str, dtype):
     raise ValueError(f"no load-time quantization {quant!r}")
 
 
+def check(case) -> None:
+    """Build the case's model on the meta device (shapes only: no memory, no GPU): raises what a real
+    build raises for a config it cannot build (an unknown model_type, head sizes that do not divide, an
+    attention implementation this install lacks). A checkpoint folder is checked by its config: its
+    weights and load-time quantization are read by the real build."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if case.source_kind == "checkpoint":
+        AutoConfig.from_pretrained(case.source)
+        return
+    config = load_config(case)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(case.dtype), attn_implementation=case.attn)
+
+
 def build(case, device: str):
     """The model on `device`, in eval mode."""
     import torch

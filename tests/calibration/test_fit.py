@@ -98,8 +98,7 @@ def test_calibration_predicts_exactly_what_estimate_gives(synthetic_records):
 
 def test_reference_fit_is_within_the_goal_in_sample(synth):
     REFERENCE = synth.REFERENCE
-    if not REFERENCE.exists():
-        pytest.skip("reference data not imported")
+    assert REFERENCE.is_file(), f"the reference records are missing: {REFERENCE}"
     from calibration.data import load_frame, usable
     from calibration.fit import StructuredModel
 

@@ -56,7 +56,7 @@ def test_calibrate_writes_a_coefficients_file_with_provenance(calibrated, synthe
 
     data = json.loads(calibrated.read_text())
     assert data["schema"] == "vramcal.coefficients/1" and data["calibrated"] is True
-    assert data["framework"] == "transformers" and data["gpu"] == "H100 80GB"
+    assert data["framework"] == "transformers" and data["gpu"] == "H100 SXM 80GB"
     prov = data["provenance"]
     assert prov["sources"][0]["path"] == str(synthetic_file) and len(prov["sources"][0]["sha256"]) == 64
     assert prov["records"]["used"] == 24 and prov["records"]["left_out"] == {}

@@ -19,12 +19,18 @@ def test_llama_8b_acceptance_figures():
     assert est.kv_cache_bytes == 4 * GIB
 
 
-def test_breakdown_adds_up_and_interval_brackets_total():
+def test_breakdown_terms_bound_what_the_run_must_hold():
+    # Qwen2.5-7B (hidden 3584, MLP 18944, vocab 152064) at 4096 x 2 in bf16: the prefill must hold, besides
+    # weights and cache, at least one layer's gate/up output (tokens x 18944 x 2 bytes, twice: gate and up)
+    # and the fp32 last-position logits; the overhead at least the CUDA context the H100 reference measured
+    # (716.8 MiB in every run).
     est = estimate(load_model("qwen2.5-7b"), Workload(context=4096, batch=2))
-    parts = est.weights_bytes + est.kv_cache_bytes + est.activation_bytes + est.overhead_bytes
-    assert parts == est.total_bytes
-    assert est.low_bytes <= est.total_bytes <= est.high_bytes
-    assert est.activation_bytes > 0 and est.overhead_bytes > 0
+    prefill_tokens = 2 * (4096 - 16)
+    assert est.activation_bytes >= 2 * prefill_tokens * 18944 * 2 + 2 * 152064 * 4
+    assert est.activation_bytes < 4 * GIB  # a few layer working sets, not a copy of the cache or weights
+    assert est.overhead_bytes >= 716 * 2**20
+    assert est.peak_allocated_bytes - est.weights_bytes >= est.kv_cache_bytes - 28 * 2 * 4 * 128 * 2 * 2 * 16
+    assert est.low_bytes < est.total_bytes < est.high_bytes
 
 
 def test_estimate_grows_with_context_and_batch():
@@ -125,8 +131,9 @@ def test_max_context_and_max_batch_are_the_largest_that_fit():
     best = max_context(spec, base, "L4")["max_context"]
     assert best is not None
     from dataclasses import replace
-    assert estimate(spec, replace(base, context=best)).high_bytes <= gpu.memory_bytes
-    assert estimate(spec, replace(base, context=best + 1)).high_bytes > gpu.memory_bytes
+    # the interval for the L4 (widened: the coefficients were fitted on the H100)
+    assert estimate(spec, replace(base, context=best), gpu="L4").high_bytes <= gpu.memory_bytes
+    assert estimate(spec, replace(base, context=best + 1), gpu="L4").high_bytes > gpu.memory_bytes
     b = max_batch(spec, Workload(context=4096), "H100")["max_batch"]
     h100 = find_gpu("H100").memory_bytes
     assert estimate(spec, Workload(context=4096, batch=b)).high_bytes <= h100
@@ -139,18 +146,18 @@ def test_inversion_is_conservative_where_the_estimate_is_not_monotone():
     that fits above shorter ones that do not; the answer must fit, and so must the window below it."""
     from estimator.estimate import BATCH_WINDOW, CONTEXT_WINDOW
 
-    def high(spec, context: int, batch: int) -> int:
-        return estimate(spec, Workload(context=context, batch=batch, new_tokens=16)).high_bytes
+    def high(spec, context: int, batch: int, gpu: str) -> int:
+        return estimate(spec, Workload(context=context, batch=batch, new_tokens=16), gpu=gpu).high_bytes
 
     spec, memory = load_model("qwen3-0.6b"), find_gpu("L4").memory_bytes
     best = max_context(spec, Workload(context=100, batch=32, new_tokens=16), "L4")["max_context"]
-    assert all(high(spec, m, 32) <= memory for m in range(best - CONTEXT_WINDOW, best + 1))
-    assert high(spec, best + 1, 32) > memory
+    assert all(high(spec, m, 32, "L4") <= memory for m in range(best - CONTEXT_WINDOW, best + 1))
+    assert high(spec, best + 1, 32, "L4") > memory
     # batch 219 does not fit at 1024 tokens on a T4, 223 does
     spec, memory = load_model("qwen2.5-0.5b"), find_gpu("T4").memory_bytes
     b = max_batch(spec, Workload(context=1024, new_tokens=16), "T4")["max_batch"]
-    assert all(high(spec, 1024, n) <= memory for n in range(b - BATCH_WINDOW, b + 1))
-    assert high(spec, 1024, b + 1) > memory
+    assert all(high(spec, 1024, n, "T4") <= memory for n in range(b - BATCH_WINDOW, b + 1))
+    assert high(spec, 1024, b + 1, "T4") > memory
 
 
 def test_max_context_stops_at_the_models_positions():
@@ -168,8 +175,9 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_gpu_names_resolve_from_aliases_and_nvml_names():
-    assert find_gpu("h100").name == "H100 80GB"
-    assert find_gpu("NVIDIA H100 80GB HBM3").name == "H100 80GB"
-    assert find_gpu("NVIDIA A100-PCIE-40GB").name == "A100 40GB"
+    assert find_gpu("h100").name == "H100 SXM 80GB"
+    assert find_gpu("H100 80GB").name == "H100 SXM 80GB"  # how earlier coefficients files named it
+    assert find_gpu("NVIDIA H100 80GB HBM3").name == "H100 SXM 80GB"
+    assert find_gpu("NVIDIA A100-PCIE-40GB").name == "A100 40GB PCIe"
     with pytest.raises(UserError, match="unknown GPU"):
         find_gpu("voodoo2")

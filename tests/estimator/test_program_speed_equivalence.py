@@ -3,7 +3,9 @@
 ``data/program_oracle.json`` holds ``sim_allocated_bytes``, ``sim_reserved_bytes`` and ``sim_peak_step`` of
 ``features(spec, workload)`` for every case of ``oracle_cases()``, computed by the plain event-by-event
 replay (every layer of every forward, every decode step) before the replay learned to skip repeated
-work. The optimized replay must reproduce every number exactly: the shortcuts are exact or not taken.
+work. The optimized replay must reproduce every number exactly: the shortcuts are exact or not taken; so must
+the C allocator (``estimator/_replay.c``), when it is built (``VRAMCAL_REQUIRE_ACCELERATOR=1``: fail, not
+skip, when it is not, as CI sets).
 
 Regenerate (only when the modelled program itself changes, never to make this test pass):
 ``python tests/estimator/test_program_speed_equivalence.py`` (minutes).
@@ -12,6 +14,7 @@ Regenerate (only when the modelled program itself changes, never to make this te
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,7 +86,16 @@ def test_oracle_covers_the_grid(oracle):
     assert set(oracle["cases"]) == {case_key(m, kw) for m, kw in oracle_cases()}
 
 
-def test_optimized_replay_reproduces_the_oracle_exactly(oracle):
+@pytest.mark.parametrize("accelerate", [False, True], ids=["python", "c"])
+def test_optimized_replay_reproduces_the_oracle_exactly(oracle, accelerate, monkeypatch):
+    """On both paths: the Python replay (the reference) and the C allocator (``estimator/_replay.c``)."""
+    from estimator import program
+
+    if accelerate and program._CAllocator is None:
+        if os.environ.get("VRAMCAL_REQUIRE_ACCELERATOR"):
+            pytest.fail("the C accelerator (estimator/_replay.c) is not built")
+        pytest.skip("the C accelerator is not built (python setup.py build_ext --inplace)")
+    monkeypatch.setattr(program, "ACCELERATE", accelerate)
     specs: dict = {}
     wrong = []
     for model, kwargs in oracle_cases():

@@ -17,7 +17,7 @@ from estimator.records import case_key, read_records, validate_record
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
-REFERENCE = REPO.parent / "shared" / "reference" / "h100-transformers-5.17.jsonl"  # its README: the method
+REFERENCE = REPO / "results" / "reference" / "h100-transformers-5.17.jsonl"  # its README: the method
 TOLERANCE = 0.02
 
 
@@ -43,8 +43,7 @@ def case_of(rec: dict):
 
 def test_reference_cases_within_2_percent(tmp_path):
     info = gpu()
-    if not REFERENCE.is_file():
-        pytest.skip(f"reference records not found at {REFERENCE}")
+    assert REFERENCE.is_file(), f"the reference records are missing: {REFERENCE}"
     from harness.runner import run_cases
     from harness.sweep import order
 

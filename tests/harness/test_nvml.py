@@ -100,7 +100,7 @@ def test_missing_or_broken_nvml_says_what_to_do(monkeypatch):
     with pytest.raises(UserError, match="NVML is unavailable .*Driver Not Loaded.*--device cpu"):
         gpu_info()
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
-    with pytest.raises(UserError, match="pip install nvidia-ml-py"):
+    with pytest.raises(UserError, match=r"pynvml is not installed; .*pip install 'vramcal\[harness\]'.*--device cpu"):
         gpu_info()
 
 
