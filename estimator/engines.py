@@ -122,9 +122,21 @@ def resolve_model(model: str, engine: str = "auto") -> Model:
         from estimator.catalogue import load_model
 
         spec = load_model(model)
+        if engine == "auto" and spec.uncounted_parts and _trace_available():
+            # the replay knows the language model but not a tower's layout: the trace counts the real model
+            return Model(name, config, "trace")
         return Model(spec.name, config, "replay", spec)
+    from estimator.config import parse_config
+
+    parse_config(config, name)  # a size no model can have fails here, before anything is built
     _require_trace(model, config, supported)
     return Model(name, config, "trace")
+
+
+def _trace_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
 def _require_trace(model: str, config: dict, supported: bool) -> None:

@@ -41,10 +41,12 @@ CASES = [(name, shape) for name in _representatives() for shape in ("generate", 
 def test_estimator_dynamic_bytes_match_the_trace(name, shape):
     spec = load_model(name)
     attn = "eager" if spec.model_type == "gpt_oss" else "sdpa"  # transformers has no sdpa for gpt-oss
+    # 2048 tokens, or the model's positions where fewer (gpt2's 1024 learned positions cannot run more)
+    context = min(2048, spec.max_position_embeddings or 2048)
     if shape == "generate":
-        kwargs = dict(workload="generate", context=2048, batch=4, new_tokens=16)
+        kwargs = dict(workload="generate", context=context, batch=4, new_tokens=16)
     else:
-        kwargs = dict(workload="forward", context=2048, batch=2, new_tokens=0)
+        kwargs = dict(workload="forward", context=context, batch=2, new_tokens=0)
     traced = trace(dict(spec.config), dtype="bfloat16", attn=attn, cache="dynamic", **kwargs)
     est = estimate(spec, Workload(attn=attn, dtype="bfloat16", **kwargs), coefficients=DEFAULT)
     traced_dynamic = traced.peak_allocated_bytes - traced.weights_bytes
