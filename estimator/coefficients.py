@@ -16,7 +16,6 @@ Without a matching file the estimator uses ``DEFAULT``: first-principles values,
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path

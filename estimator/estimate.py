@@ -234,23 +234,36 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
     if spec.uncounted_parts:
         notes.append(f"not counted: {', '.join(spec.uncounted_parts)} (no layout known for it): the weights are the "
                      "language model's only, an under-estimate")
-    if not coefficients.calibrated:
-        notes.append(f"no calibration for {workload.framework}: first-principles coefficients, "
-                     f"interval {coefficients.interval['low']:+.0%}..{coefficients.interval['high']:+.0%}")
-    elif not calibrated_for(coefficients, target):
-        notes.append(f"coefficients fitted on {coefficients.gpu} ({coefficients.framework}); {target.name} has none: "
-                     f"interval widened by {OTHER_GPU_REL:.0%} + {OTHER_GPU_ABS_BYTES // 2**20} MiB at each end")
-    c = coefficients.for_attn(workload.attn)
+    notes += calibration_notes(coefficients, target, workload.framework)
     weights = weights_bytes(spec, workload.dtype, quant)  # parameters, as published counts them
     f = features(spec, workload)
-    parts = predict_parts(weights, f, c)
-    buffers = buffer_bytes(spec)  # rotary tables and the like: a few KiB, counted with the overhead
+    # rotary tables and the like: a few KiB, counted with the overhead
+    return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
+                    target, workload.attn, notes, position_note is not None)
+
+
+def calibration_notes(coefficients: Coefficients, target: GPU | None, framework: str) -> list[str]:
+    """What the interval rests on, where it is not the calibration's own GPU (one line, or none)."""
+    if not coefficients.calibrated:
+        return [f"no calibration for {framework}: first-principles coefficients, "
+                f"interval {coefficients.interval['low']:+.0%}..{coefficients.interval['high']:+.0%}"]
+    if not calibrated_for(coefficients, target):
+        return [f"coefficients fitted on {coefficients.gpu} ({coefficients.framework}); {target.name} has none: "
+                f"interval widened by {OTHER_GPU_REL:.0%} + {OTHER_GPU_ABS_BYTES // 2**20} MiB at each end"]
+    return []
+
+
+def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], buffers: int, num_parameters: int,
+             coefficients: Coefficients, target: GPU | None, attn: str, notes, beyond_positions: bool,
+             engine: str = "replay", engine_version: str | None = None) -> Estimate:
+    """The Estimate of either engine from its exact features ``f`` (``kv_final_bytes``, ``sim_*``)."""
+    parts = predict_parts(weights, f, coefficients.for_attn(attn))
     total = round(parts["total"] + buffers)
     kv = f.get("kv_final_bytes", 0)
     overhead = round(parts["overhead"] + buffers)
     low, high = bounds(total, coefficients, target)
     return Estimate(
-        model=spec.name,
+        model=name,
         workload=workload,
         weights_bytes=weights,
         kv_cache_bytes=kv,
@@ -262,12 +275,14 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
         peak_allocated_bytes=round(parts["allocated"] + buffers),
         peak_reserved_bytes=round(parts["reserved"] + buffers),
         peak_phase=parts["phase"],
-        num_parameters=spec.num_parameters,
+        num_parameters=num_parameters,
         coefficients=coefficients,
         features=f,
         notes=tuple(notes),
         gpu=target.name if target else None,
-        beyond_trained_positions=position_note is not None,
+        beyond_trained_positions=beyond_positions,
+        engine=engine,
+        engine_version=engine_version,
     )
 
 

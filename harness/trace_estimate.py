@@ -32,7 +32,7 @@ import time
 from estimator.allocator import CachingAllocator, round_size
 from estimator.coefficients import Coefficients, select_coefficients
 from estimator.errors import UserError
-from estimator.estimate import Estimate, predict_parts
+from estimator.estimate import Estimate
 from estimator.terms import Workload
 from harness.trace import ATTN_IMPLEMENTATIONS, WORKSPACE, TraceRun, run_trace
 
@@ -123,7 +123,7 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     notes this mirrors (positions, calibration)."""
     import transformers
 
-    from estimator.estimate import OTHER_GPU_ABS_BYTES, OTHER_GPU_REL, bounds, calibrated_for
+    from estimator.estimate import assemble, calibration_notes
     from estimator.positions import check_context
 
     attn = run.result.attn
@@ -133,45 +133,14 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     position_note = check_context(run.result.model_type, run.max_positions, workload.context, name)
     if position_note:
         notes.append(position_note)
-    if not coefficients.calibrated:
-        notes.append(f"no calibration for {workload.framework}: first-principles coefficients, "
-                     f"interval {coefficients.interval['low']:+.0%}..{coefficients.interval['high']:+.0%}")
-    elif not calibrated_for(coefficients, gpu):
-        notes.append(f"coefficients fitted on {coefficients.gpu} ({coefficients.framework}); {gpu.name} has none: "
-                     f"interval widened by {OTHER_GPU_REL:.0%} + {OTHER_GPU_ABS_BYTES // 2**20} MiB at each end")
-    c = coefficients.for_attn(attn)
+    notes += calibration_notes(coefficients, gpu, workload.framework)
     f = simulate_events(run.tracker)
     f["kv_final_bytes"] = run.cache_nbytes
     f["trace_peak_allocated_bytes"] = run.result.peak_allocated_bytes  # the tracker's own peak (512-byte blocks)
-    weights = run.parameter_bytes
-    parts = predict_parts(weights, f, c)
-    buffers = run.buffer_bytes  # rotary tables and the like, counted with the overhead as in the replay
-    total = round(parts["total"] + buffers)
-    overhead = round(parts["overhead"] + buffers)
-    kv = run.cache_nbytes
-    low, high = bounds(total, coefficients, gpu)
-    return Estimate(
-        model=name,
-        workload=workload,
-        weights_bytes=weights,
-        kv_cache_bytes=kv,
-        activation_bytes=total - weights - kv - overhead,
-        overhead_bytes=overhead,
-        total_bytes=total,
-        low_bytes=low,
-        high_bytes=high,
-        peak_allocated_bytes=round(parts["allocated"] + buffers),
-        peak_reserved_bytes=round(parts["reserved"] + buffers),
-        peak_phase=parts["phase"],
-        num_parameters=run.num_parameters,
-        coefficients=coefficients,
-        features=f,
-        notes=tuple(notes),
-        gpu=gpu.name if gpu is not None else None,
-        beyond_trained_positions=position_note is not None,
-        engine=ENGINE,
-        engine_version=transformers.__version__,
-    )
+    # buffers: rotary tables and the like, counted with the overhead as in the replay
+    return assemble(name, workload, run.parameter_bytes, f, run.buffer_bytes, run.num_parameters, coefficients,
+                    gpu, attn, notes, position_note is not None, engine=ENGINE,
+                    engine_version=transformers.__version__)
 
 
 def trace_estimate(config: dict, name: str, workload: Workload, coefficients: Coefficients | None = None,
