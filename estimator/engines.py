@@ -165,7 +165,7 @@ def estimate(model: Model, workload, coefficients=None, gpu=None):
 
 def engine_line(engine: str, seconds: float, version: str | None = None, probes: int | None = None) -> str:
     """One line for the text output: which engine answered, and how long it took."""
-    what = "pure-Python replay" if engine == "replay" else f"fake-tensor trace, transformers {version}"
+    what = "allocator replay, no torch" if engine == "replay" else f"fake-tensor trace, transformers {version}"
     took = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
     count = f", {probes} traces" if probes else ""
     return f"engine: {engine} ({what}){count}, {took}"
