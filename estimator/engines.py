@@ -172,6 +172,13 @@ def engine_line(engine: str, seconds: float, version: str | None = None, probes:
 
 
 # ---- searches ---------------------------------------------------------------------------------------
+def _replayed(search, model: Model, workload, gpu: str, coefficients, safe: bool, started: float) -> dict:
+    """A replay search's result with the fields the trace engine's searches add."""
+    result = search(model.spec, workload, gpu, coefficients, safe=safe)
+    return {**result, "engine": "replay", "engine_version": None, "probes": None,
+            "seconds": time.perf_counter() - started}
+
+
 def max_context(model: Model, workload, gpu: str, coefficients=None, safe: bool = True) -> dict:
     """``estimator.estimate.max_context`` by ``model``'s engine, plus ``engine``, ``engine_version``,
     ``probes`` (traces run) and ``seconds``. The trace engine searches with few traces
@@ -182,9 +189,7 @@ def max_context(model: Model, workload, gpu: str, coefficients=None, safe: bool 
     if model.engine == "replay":
         from estimator.estimate import max_context as replay_max_context
 
-        result = replay_max_context(model.spec, workload, gpu, coefficients, safe=safe)
-        return {**result, "engine": "replay", "engine_version": None, "probes": None,
-                "seconds": time.perf_counter() - started}
+        return _replayed(replay_max_context, model, workload, gpu, coefficients, safe, started)
     from harness.trace_estimate import TraceProbe
 
     target = find_gpu(gpu)
@@ -216,9 +221,7 @@ def max_batch(model: Model, workload, gpu: str, coefficients=None, safe: bool = 
     if model.engine == "replay":
         from estimator.estimate import max_batch as replay_max_batch
 
-        result = replay_max_batch(model.spec, workload, gpu, coefficients, safe=safe)
-        return {**result, "engine": "replay", "engine_version": None, "probes": None,
-                "seconds": time.perf_counter() - started}
+        return _replayed(replay_max_batch, model, workload, gpu, coefficients, safe, started)
     from harness.trace_estimate import TraceProbe
 
     target = find_gpu(gpu)

@@ -65,25 +65,11 @@ def cmd_trace(args) -> int:
 
 
 def resolve_config(model: str) -> dict:
-    """The raw config dict of a catalogue name, a config.json, a folder holding one, or an HF repo id.
+    """The raw config dict of MODEL, read even where the estimator's families do not know its type
+    (``estimator.engines.resolve_config``, the one resolver both engines use)."""
+    from estimator.engines import resolve_config as resolve
 
-    Read directly where a file is at hand, so that an architecture transformers knows can be traced even
-    when the analytic estimator's families do not know it yet.
-    """
-    from pathlib import Path
-
-    from estimator.catalogue import CONFIG_DIR, load_model, read_config
-
-    if not model or not model.strip():
-        raise UserError("no model given; `vramcal models` lists the catalogue")
-    path = Path(model).expanduser()
-    for candidate in (CONFIG_DIR / f"{model.lower()}.json", path, path / "config.json"):
-        if candidate.is_file():
-            return read_config(candidate)
-    config = dict(load_model(model).config)
-    if not config:
-        raise UserError(f"{model} has no config.json to build a model from")
-    return config
+    return resolve(model)[0]
 
 
 def _table(model: str, r) -> str:
