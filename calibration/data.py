@@ -77,6 +77,7 @@ def frame(records: list[dict], progress: bool = False):
     import pandas as pd
 
     from estimator.gpus import canonical_gpu_name
+    from estimator.records import case_key
 
     rows = []
     iterator = records
@@ -89,6 +90,10 @@ def frame(records: list[dict], progress: bool = False):
         row["source"] = row.pop("_source", None)
         row["gpu"] = canonical_gpu_name(r.get("gpu_name"))
         row["terms_error"] = None
+        try:
+            row["case_key"] = case_key(r)
+        except UserError:
+            row["case_key"] = None
         try:
             row.update(record_terms(r))
         except UserError as exc:
@@ -133,6 +138,8 @@ def usable(df, framework: str | None = None, gpu: str | None = None, device: str
     from estimator.compare import MEASURED
 
     reasons = pd.Series("", index=df.index, dtype=object)
+    if df.empty:
+        return df.copy(), {}
     status = df.get("status", pd.Series("ok", index=df.index))
     reasons[status != "ok"] = "status " + status[status != "ok"].astype(str)
     devices = df.get("device", pd.Series("cuda", index=df.index))
@@ -147,6 +154,14 @@ def usable(df, framework: str | None = None, gpu: str | None = None, device: str
     measured = df.get(MEASURED[device])
     if measured is not None:
         reasons[(reasons == "") & measured.isna()] = f"no {MEASURED[device]}"
+    if measured is not None and "case_key" in df:
+        # A case measured more than once (`measure --repeat`, the same case in two files) is one case:
+        # counted twice it would weigh double in the fit and in the error statistics. The highest peak
+        # is kept, the one a plan has to cover.
+        ok = df[(reasons == "") & df["case_key"].notna()]
+        top = ok.sort_values(MEASURED[device], ascending=False, kind="stable")
+        repeats = top.index[top.duplicated("case_key", keep="first")]
+        reasons[repeats] = "repeat of a case (highest peak kept)"
     keep = df[reasons == ""].copy()
     left_out = reasons[reasons != ""].value_counts().to_dict()
     return keep, {str(k): int(v) for k, v in left_out.items()}

@@ -42,6 +42,19 @@ def test_oom_and_error_records_are_left_out_and_counted(tmp_path, synth):
     assert left_out == {"status oom": 1, "status error": 1}
 
 
+def test_a_case_measured_twice_counts_once_with_its_highest_peak(tmp_path, synth):
+    from calibration.data import load_frame, usable
+
+    recs = synth.make_records(models=("qwen2.5-0.5b",))
+    again = dict(recs[2], peak_nvml_bytes=recs[2]["peak_nvml_bytes"] + 2**20)  # `measure --repeat`
+    df = load_frame([synth.write_jsonl(tmp_path / "r.jsonl", recs + [again])])
+    keep, left_out = usable(df)
+    assert len(keep) == len(recs)
+    assert left_out == {"repeat of a case (highest peak kept)": 1}
+    assert again["peak_nvml_bytes"] in set(keep["peak_nvml_bytes"])
+    assert recs[2]["peak_nvml_bytes"] not in set(keep["peak_nvml_bytes"])
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, synthetic_file):
     from vramcal.cli import main
