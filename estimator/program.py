@@ -47,7 +47,8 @@ Tensors of at most 1 MiB are left out: they come from the allocator's small pool
 change the peaks by a few MiB, which the ``workspace_bytes`` coefficient absorbs together with the
 cuBLAS workspace.
 
-Family quirks live in ``LAYOUTS`` (by ``model_type``); everything else follows from the ``ModelSpec``.
+Family quirks live in ``layout(model_type)``: ``LAYOUTS``' compute knobs and the parameter-layout knobs of
+``estimator/families.py``'s ``DECODERS``; everything else follows from the ``ModelSpec``.
 
 How it runs fast, with the same result as replaying every tensor of every layer and step (checked
 against a frozen oracle, ``tests/estimator/test_program_speed_equivalence.py``): ``_Run`` describes the
@@ -70,12 +71,14 @@ the Python allocator, the reference, when a size passes 2**62. Both give the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import os
 
 from estimator.allocator import SMALL_SIZE, CachingAllocator, round_size
 from estimator.dtypes import dtype_bytes
+from estimator.errors import UserError
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
 
 
@@ -103,22 +106,59 @@ class Layout:
     sinks: bool = False  # gpt-oss: one sink logit per head concatenated to the scores
     gated_attention: bool = False  # Qwen3-Next: q_proj also yields a gate; output * sigmoid(gate)
     shared_expert_gate: bool = False  # Qwen3-Next: shared expert first, scaled by sigmoid(gate(x))
+    qk_norm: bool = False  # Qwen3, Gemma 3, OLMoE: q_norm(q_proj(x)), k_norm(k_proj(x))
 
 
+# Compute-only knobs by model_type. The knobs that follow from the parameter layout (fused projections,
+# qk-norms, gated attention, sandwich norms, the scaled embedding, the shared expert's gate, expert biases,
+# sinks) come from estimator/families.py's DECODERS, one copy (``layout``); GPT-2 has no Decoder.
 LAYOUTS: dict[str, Layout] = {
-    "phi3": Layout(fused_qkv=True, fused_gate_up=True, rope="half_cat"),
+    "phi3": Layout(rope="half_cat"),
     "gpt2": Layout(norm="layer", fused_qkv=True, rope="none", act="gelu_new", learned_positions=True,
                    eager_fp32_softmax=False),
-    "gemma2": Layout(norm="rms_gemma", sandwich_norms=True, attn_softcap=True, final_softcap=True,
-                     embed_scale=True),
-    "gemma3_text": Layout(norm="rms_gemma", sandwich_norms=True, embed_scale=True),
-    "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, sinks=True, expert_glu="gpt_oss",
-                      expert_bias=True),
+    "gemma2": Layout(norm="rms_gemma", attn_softcap=True, final_softcap=True),
+    "gemma3_text": Layout(norm="rms_gemma"),
+    "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, expert_glu="gpt_oss"),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),
-    "qwen3_next": Layout(norm="rms_gemma", rope="partial", gated_attention=True, shared_expert_gate=True),
+    "qwen3_next": Layout(norm="rms_gemma", rope="partial"),
+    # Qwen3.5 follows Qwen3-Next's code (Qwen3_5RMSNorm is 1 + weight; partial rotary); its split delta-net
+    # projections (in_proj_qkv + in_proj_z) are replayed as Qwen3-Next's fused ones: not checked on a trace
+    "qwen3_5_text": Layout(norm="rms_gemma", rope="partial"),
+    "qwen3_5_moe_text": Layout(norm="rms_gemma", rope="partial"),
 }
 DEFAULT_LAYOUT = Layout()  # every other family follows Llama's code (qwen2/3, mistral, mixtral, olmoe...)
+
+
+def rotary_fraction(spec: ModelSpec, lay: Layout) -> float:
+    """The fraction of the head the replay rotates: ``spec.partial_rotary_factor`` where the family's code
+    splits the head (Phi-3's ``apply_rotary_pos_emb`` cats ``q_pass``; Qwen3-Next), 1 elsewhere; a
+    partial factor on a family whose code rotates the whole head is refused, not replayed as 1."""
+    factor = spec.partial_rotary_factor
+    if lay.rope in ("partial", "half_cat"):
+        return factor
+    if lay.rope == "half" and factor != 1.0:
+        raise UserError(f"{spec.name}: partial_rotary_factor {factor} on {spec.model_type}, whose transformers "
+                        "code rotates the whole head: the replay does not model it (use --engine trace)")
+    return 1.0
+
+
+@lru_cache(maxsize=None)
+def layout(model_type: str) -> Layout:
+    """``LAYOUTS``' compute knobs with the layout knobs of the family's ``Decoder`` (estimator/families.py)."""
+    from estimator.families import _MOE, DECODERS
+
+    lay = LAYOUTS.get(model_type, DEFAULT_LAYOUT)
+    dec = DECODERS.get(model_type)
+    if dec is None:
+        return lay
+    moe = _MOE[dec.moe] if dec.moe else None
+    return replace(lay, fused_qkv=dec.fused_qkv, fused_gate_up=dec.fused_gate_up, qk_norm=dec.qk_norm is not None,
+                   gated_attention=dec.gated_query, sandwich_norms=dec.norms_per_layer == 4,
+                   embed_scale=dec.embed_scale, sinks=dec.sinks, expert_bias=bool(moe and moe.expert_bias),
+                   shared_expert_gate=bool(moe and moe.shared == "gated"))
+
+
 MIN_TRACKED_BYTES = SMALL_SIZE + 1
 
 
@@ -301,7 +341,7 @@ class _Run:
 
     def __init__(self, spec: ModelSpec, workload, min_bytes: int):
         self.spec, self.w, self.t = spec, workload, _Tape(min_bytes)
-        self.lay = LAYOUTS.get(spec.model_type, DEFAULT_LAYOUT)
+        self.lay = layout(spec.model_type)
         a = dtype_bytes(workload.dtype)
         if workload.quant and a < 2:
             a = 2.0
@@ -314,9 +354,11 @@ class _Run:
         self.decoding = False  # generate's decode steps (MoE switches to batched_mm)
         self.static_decode = False
         self.cache: dict[int, list] = {}  # layer index -> cache tensors [k, v] (or latent, rope)
-        self.cfg = spec.config or {}
         # the resolved factor (rope_parameters / partial_rotary_factor / the class default: estimator/config.py)
-        self.rotary_fraction = spec.partial_rotary_factor if self.lay.rope == "partial" else 1.0
+        self.rotary_fraction = rotary_fraction(spec, self.lay)
+        if any(l.attention.kind == "ssm" for l in spec.layers):  # Mamba-style mixers have no program here
+            raise UserError(f"{spec.name}: the replay has no program for state-space (ssm) layers "
+                            "(use --engine trace)")
 
     # ---- building blocks ----------------------------------------------------------------------
     def norm(self, n: int):
@@ -369,7 +411,7 @@ class _Run:
             t.free(prod, x32)
             return out
         whole_n = n
-        if self.lay.rope == "partial":  # x[..., :rotary_dim] rotated, x[..., rotary_dim:] passed through
+        if self.lay.rope in ("partial", "half_cat"):  # x[..., :rotary_dim] rotated, the rest passed through
             n = n * self.rotary_fraction
         xc = t.new(n * a)
         neg = t.new(n * a / 2)
@@ -441,7 +483,7 @@ class _Run:
         att = layer.attention
         T = b * q_len
         H = self.spec.hidden_size
-        if att.kind in ("linear", "ssm"):
+        if att.kind == "linear":
             return self.linear_mixer(i, att, q_len, x, use_cache)
         if att.kind == "mla":
             return self.mla(i, att, q_len, past, x, static_len, use_cache, masks)
@@ -452,7 +494,7 @@ class _Run:
         if lay.fused_qkv:
             qkv = t.new((q_n + k_n + v_n) * a)
             q = k = v = None
-        elif self.spec.model_type in _QK_NORM:  # q_norm(q_proj(x)), k_norm(k_proj(x)), v_proj(x)
+        elif lay.qk_norm:  # q_norm(q_proj(x)), k_norm(k_proj(x)), v_proj(x)
             qkv = None
             q0 = t.new(q_n * a * (2 if lay.gated_attention else 1))
             if lay.gated_attention:  # chunk(q_proj(x), 2) then gate.reshape: a copy
@@ -614,7 +656,7 @@ class _Run:
         nh, qk, dv = att.num_heads, att.head_dim, att.v_head_dim
         rope, rank = att.qk_rope_head_dim, att.kv_lora_rank
         nope = qk - rope
-        q_lora = self.cfg.get("q_lora_rank")
+        q_lora = att.q_lora_rank
         if q_lora:
             qa = t.new(T * q_lora * a)
             qan = self.norm(T * q_lora)
@@ -654,7 +696,7 @@ class _Run:
         dk, dv = att.head_dim, att.v_head_dim or att.head_dim
         kw, vw = nk * dk, nv * dv  # key_dim, value_dim
         conv_dim = 2 * kw + vw
-        kernel = self.cfg.get("linear_conv_kernel_dim", 4)
+        kernel = att.conv_state_elems // conv_dim  # linear_conv_kernel_dim (estimator/families.py)
         state_bytes = b * nv * dk * dv * 4  # the delta-rule state (fp32)
         entry = self.cache.get(i) if use_cache else None
         decode = entry is not None and q_len == 1  # use_precomputed_states and seq_len == 1
@@ -1059,7 +1101,7 @@ class _Run:
                 qkv = (att.num_heads + 2 * nkv) * att.head_dim if lay.fused_qkv else att.num_heads * att.head_dim
                 mlp = (2 if lay.fused_gate_up else 1) * m.intermediate_size
                 widest = max(widest, qkv * a, mlp * a, (4 * att.num_heads * att.head_dim if lay.norm != "layer"
-                                                        and self.spec.model_type in _QK_NORM else 0))
+                                                        and lay.qk_norm else 0))
             self._small = ok and self.b * widest < self.t.min_bytes
         return self._small
 
@@ -1181,7 +1223,6 @@ class _Run:
         return h
 
 
-_QK_NORM = ("qwen3", "qwen3_moe", "qwen3_next", "gemma3_text", "olmoe")
 
 
 try:  # the optional C allocator (estimator/_replay.c); the Python one is the reference
@@ -1703,50 +1744,18 @@ def _weights_state(spec: ModelSpec, workload, min_bytes: int) -> tuple:
 
 
 def parameter_bytes(spec: ModelSpec, workload) -> list[int]:
-    """Bytes of each parameter in the order transformers creates them (the allocator's starting state)."""
+    """Bytes of each parameter in the order transformers creates them (the allocator's starting state):
+    ``ModelSpec.parameter_tensors``, which ``estimator/families.py`` records with the parameter count, so
+    the replay loads exactly ``weights_bytes`` (``tests/estimator/test_families_replay_agree.py``)."""
+    if not spec.parameter_tensors:
+        raise ValueError(f"{spec.name}: the spec has no parameter_tensors (build it with spec_from_config)")
     w = dtype_bytes(workload.dtype)
-    H, V = spec.hidden_size, spec.vocab_size
-    lay = LAYOUTS.get(spec.model_type, DEFAULT_LAYOUT)
-    out = [V * H * w]
-    if lay.learned_positions:
-        out.append((spec.max_position_embeddings or 0) * H * w)
-    for layer in spec.layers:
-        att, m = layer.attention, layer.mlp
-        if att.kind in ("full", "sliding"):
-            nh, nkv, d = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
-            dv = att.v_head_dim or d
-            if lay.fused_qkv:
-                out.append(H * (nh * d + nkv * (d + dv)) * w)
-            else:
-                q_width = nh * d * (2 if lay.gated_attention else 1)  # Qwen3-Next: query and gate
-                out += [H * q_width * w, H * nkv * d * w, H * nkv * dv * w]
-            out.append(nh * dv * H * w)
-        elif att.kind == "mla":
-            out += [H * (att.kv_lora_rank + att.qk_rope_head_dim) * w,
-                    att.kv_lora_rank * att.num_heads * (att.head_dim - att.qk_rope_head_dim + att.v_head_dim) * w,
-                    att.num_heads * att.v_head_dim * H * w, H * att.num_heads * att.head_dim * w]
-        else:  # gated delta-net: in_proj_qkvz, in_proj_ba, out_proj
-            key_width = (att.num_kv_heads or att.num_heads) * att.head_dim
-            width = max(att.num_heads * (att.v_head_dim or att.head_dim), 1)
-            out += [H * (2 * key_width + 2 * width) * w, H * 2 * att.num_heads * w, width * H * w]
-        if m.kind == "dense":
-            if lay.fused_gate_up:
-                out += [2 * H * m.intermediate_size * w, m.intermediate_size * H * w]
-            else:
-                out += [H * m.intermediate_size * w] * (3 if m.gated else 2)
-        elif m.kind == "moe":
-            out += [m.num_experts * 2 * m.intermediate_size * H * w, m.num_experts * H * m.intermediate_size * w,
-                    m.num_experts * H * w]
-            if m.shared_intermediate_size:
-                out += [H * m.shared_intermediate_size * w] * 3
-    if not spec.tie_word_embeddings:
-        out.append(V * H * w)
-    return [int(x) for x in out]
+    return [int(n * w) for n in spec.parameter_tensors]
 
 
 def attention_used(model_type: str, attn: str) -> str:
     """The attention path transformers 5.17 takes for ``attn``: a family without an sdpa path (gpt-oss,
     whose sinks need eager) runs eager when asked for sdpa."""
-    if attn == "sdpa" and not LAYOUTS.get(model_type, DEFAULT_LAYOUT).sdpa:
+    if attn == "sdpa" and not layout(model_type).sdpa:
         return "eager"
     return attn
