@@ -34,7 +34,7 @@ __all__ = ["Config", "DECODERS", "FAMILIES", "spec_from_config"]
 class _Parts:
     """Accumulates matmul weights (merged when identical), other parameters and layers, and every parameter
     tensor's elements in the order the modeling code's ``__init__`` registers them (``tensors``: the order
-    the weights are loaded in, which the replay's allocator starts from; ``estimator/program.py``)."""
+    the weights are loaded in, which the replay's allocator starts from; ``estimator/replay/``)."""
 
     def __init__(self):
         self.linears: Counter[tuple] = Counter()

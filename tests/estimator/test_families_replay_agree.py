@@ -1,4 +1,4 @@
-"""The family records (estimator/families.py) and the replay (estimator/program.py) describe one model.
+"""The family records (estimator/families.py) and the replay (estimator/replay/) describe one model.
 
 For every catalogue model: the replay loads exactly the weights ``weights_bytes`` counts (it starts its
 allocator from ``ModelSpec.parameter_tensors``, which tests/harness/test_param_count_meta.py checks against
@@ -18,7 +18,8 @@ from estimator import Workload, list_models, load_model
 from estimator.catalogue import CONFIG_DIR
 from estimator.errors import UserError
 from estimator.families import _MOE, DECODERS, spec_from_config
-from estimator.program import _Run, layout, parameter_bytes, rotary_fraction, simulate
+from estimator.replay import layout, parameter_bytes, rotary_fraction, simulate
+from estimator.replay.program import Program
 from estimator.quant import weights_bytes
 
 MODELS = list_models()
@@ -83,7 +84,7 @@ def test_qwen3_next_without_partial_rotary_factor_rotates_a_quarter_in_both():
     head_dim = spec.layers[3].attention.head_dim  # a full-attention layer (every 4th)
     assert spec.partial_rotary_factor == 0.25
     assert spec.buffer_elems == 2 * (int(head_dim * 0.25) // 2)  # inv_freq of the quarter rotated
-    run = _Run(spec, Workload(context=256), 1)
+    run = Program(spec, Workload(context=256), 1)
     assert run.rotary_fraction == 0.25
     stated = load_model("qwen3-next-80b-a3b")  # states 0.25: the same replay
     w = Workload(context=2048, batch=2, new_tokens=4)

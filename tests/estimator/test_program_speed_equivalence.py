@@ -1,4 +1,4 @@
-"""The optimized replay (estimator/program.py, estimator/allocator.py) against a frozen oracle.
+"""The optimized replay (estimator/replay/, estimator/allocator.py) against a frozen oracle.
 
 ``data/program_oracle.json`` holds ``sim_allocated_bytes``, ``sim_reserved_bytes`` and ``sim_peak_step`` of
 ``features(spec, workload)`` for every case of ``oracle_cases()``, computed by the plain event-by-event
@@ -93,7 +93,7 @@ def test_oracle_covers_the_grid(oracle):
 @pytest.mark.parametrize("accelerate", [False, True], ids=["python", "c"])
 def test_optimized_replay_reproduces_the_oracle_exactly(oracle, accelerate, monkeypatch):
     """On both paths: the Python replay (the reference) and the C allocator (``estimator/_replay.c``)."""
-    from estimator import program
+    from estimator.replay import runner as program
 
     if accelerate and program._CAllocator is None:
         if os.environ.get("VRAMCAL_REQUIRE_ACCELERATOR"):
