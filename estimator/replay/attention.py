@@ -5,16 +5,17 @@ A mixin of ``Program`` (``estimator/replay/program.py``); ``self.cache`` holds e
 
 from __future__ import annotations
 
+from estimator.replay.step import Step
 from estimator.spec import AttentionSpec, LayerSpec
 
 
 class Attention:
     """The KV cache, self-attention (sdpa, eager, flash), MLA and the masks on ``self.t``."""
 
-    def cache_update(self, i: int, att: AttentionSpec, k_bytes: float, v_bytes: float, q_len: int,
-                     past: int, static_len: int | None):
-        """Write this step's K/V (bytes for q_len tokens) into layer i's cache; returns the cache's tokens."""
+    def cache_update(self, i: int, att: AttentionSpec, k_bytes: float, v_bytes: float, step: Step):
+        """Write this step's K/V (bytes for its q_len tokens) into layer i's cache; returns the cache's tokens."""
         t = self.t
+        q_len, static_len = step.q_len, step.static_len
         entry = self.cache.get(i)
         per_tok_k, per_tok_v = k_bytes / q_len, v_bytes / q_len
         if static_len is not None:  # StaticLayer: zeros(max_cache_len) at the first update, then in place
@@ -38,17 +39,17 @@ class Attention:
         self.cache[i] = [k_new, v_new, keep]
         return total
 
-    def attention(self, i: int, layer: LayerSpec, q_len: int, past: int, x, static_len: int | None,
-                  use_cache: bool, masks: dict):
+    def attention(self, i: int, layer: LayerSpec, step: Step, x, masks: dict):
         """Self-attention of layer i on the normed input ``x`` (freed here); returns its output block."""
         t, a, b = self.t, self.a, self.b
+        q_len = step.q_len
         att = layer.attention
         T = b * q_len
         H = self.spec.hidden_size
         if att.kind == "linear":
-            return self.linear_mixer(i, att, q_len, x, use_cache)
+            return self.linear_mixer(i, att, step, x)
         if att.kind == "mla":
-            return self.mla(i, att, q_len, past, x, static_len, use_cache, masks)
+            return self.mla(i, att, step, x, masks)
         nh, nkv, d = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
         dv = att.v_head_dim or d
         q_n, k_n, v_n = T * nh * d, T * nkv * d, T * nkv * dv
@@ -85,8 +86,8 @@ class Attention:
             t.free(q, k)
         else:
             qe, ke = q, k
-        if use_cache:
-            kv_len = self.cache_update(i, att, k_n * self.kv_b, v_n * self.kv_b, q_len, past, static_len)
+        if step.use_cache:
+            kv_len = self.cache_update(i, att, k_n * self.kv_b, v_n * self.kv_b, step)
             if qe is not ke:
                 t.free(ke)
             ke = None
@@ -94,7 +95,7 @@ class Attention:
             v = None
         else:
             kv_len = q_len
-        out, weights = self.core_attention(att, q_len, kv_len, qe, masks)
+        out, weights = self.core_attention(att, step, kv_len, qe, masks)
         if lay.gated_attention:  # attn_output * sigmoid(gate)
             sg = t.new(q_n * a)
             gated = t.new(T * nh * dv * a)
@@ -106,9 +107,10 @@ class Attention:
         t.free(out, qe, ke, v, qkv, x)
         return y, weights
 
-    def core_attention(self, att: AttentionSpec, q_len: int, kv_len: int, q, masks: dict):
+    def core_attention(self, att: AttentionSpec, step: Step, kv_len: int, q, masks: dict):
         """The attention kernel on (b, heads, q_len, kv_len); returns (output, weights kept alive)."""
         t, a, b = self.t, self.a, self.b
+        q_len = step.q_len
         nh, nkv, d = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
         dv = att.v_head_dim or d
         T = b * q_len
@@ -125,7 +127,7 @@ class Attention:
         gqa = nkv < nh
         # sdpa gets a boolean mask for sliding layers once the window is full, and for a static cache's
         # decode steps (the padding of the pre-allocated positions); with a mask, GQA repeats K/V
-        mask = windowed or (self.static_decode and kv_len > q_len)
+        mask = windowed or (step.static_decode and kv_len > q_len)
         if a < 4 and not mask and d <= 256 and d == dv:  # flash
             out = t.new(out_bytes)
             lse = t.new(b * nh * q_len * 4)
@@ -211,9 +213,10 @@ class Attention:
         t.free(o, *reps)
         return out, w
 
-    def mla(self, i: int, att: AttentionSpec, q_len: int, past: int, x, static_len, use_cache, masks):
+    def mla(self, i: int, att: AttentionSpec, step: Step, x, masks: dict):
         """DeepSeek V2/V3: cache the latent, expand K/V with kv_b_proj on every forward."""
         t, a, b = self.t, self.a, self.b
+        q_len = step.q_len
         T = b * q_len
         nh, qk, dv = att.num_heads, att.head_dim, att.v_head_dim
         rope, rank = att.qk_rope_head_dim, att.kv_lora_rank
@@ -231,9 +234,8 @@ class Attention:
         kvn = self.norm(T * rank)
         qr = self.rope(T * nh * rope)
         kr = self.rope(T * rope)
-        if use_cache:
-            total = self.cache_update(i, AttentionSpec("full"), T * rank * self.kv_b, T * rope * self.kv_b,
-                                      q_len, past, static_len)
+        if step.use_cache:
+            total = self.cache_update(i, AttentionSpec("full"), T * rank * self.kv_b, T * rope * self.kv_b, step)
             t.free(kvn, kr)
             kvn = kr = None
         else:
@@ -242,18 +244,19 @@ class Attention:
         kv_tokens = b * total
         kvb = t.new(kv_tokens * nh * (nope + dv) * a)  # kv_b_proj over the whole cache
         keys = t.new(kv_tokens * nh * qk * a)  # new_empty + copy_ of k_nope and k_rot
-        out, w = self.core_attention(AttentionSpec("full", nh, nh, qk, dv), q_len, total, qs, masks)
+        out, w = self.core_attention(AttentionSpec("full", nh, nh, qk, dv), step, total, qs, masks)
         y = t.new(T * self.spec.hidden_size * a)
         t.free(out, qs, q, qr, keys, kvb, ckv, kvn, kr, x)
         return y, w
 
-    def make_masks(self, q_len: int, kv: int) -> dict:
+    def make_masks(self, step: Step) -> dict:
         """The 4D masks the base model builds before its layers (masking_utils), by layer kind.
 
         eager: a float (b, 1, q, kv) mask per layer kind (full, sliding). sdpa: none while the prompt
         has no padding, except a boolean one for sliding layers once kv reaches the window.
         """
         t, a, b = self.t, self.a, self.b
+        q_len, kv = step.q_len, step.past + step.q_len
         kinds = {l.attention.kind for l in self.spec.layers}
         sliding = [l.attention.window for l in self.spec.layers if l.attention.kind == "sliding" and l.attention.window]
         masks = {}

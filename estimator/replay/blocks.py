@@ -99,9 +99,10 @@ class Blocks:
             return out
         return t.new(n * a)
 
-    def mlp(self, layer: LayerSpec, T: int, x):
-        """The MLP on the normed input ``x`` (freed here); returns its output block."""
+    def mlp(self, layer: LayerSpec, step, x):
+        """The MLP on the normed input ``x`` (freed here) at ``step`` (a ``Step``); returns its output block."""
         t, a = self.t, self.a
+        T = self.b * step.q_len
         H = self.spec.hidden_size
         m = layer.mlp
         if m.kind == "none":
@@ -111,13 +112,13 @@ class Blocks:
             if self.lay.shared_expert_gate and m.shared_intermediate_size:
                 # Qwen3-Next: shared expert, router + experts, sigmoid(shared_expert_gate(x)) * shared, add
                 s = self.dense(m.shared_intermediate_size, True, T)
-                y = self.moe_batched(m, T) if self.decoding else self.moe(m, T)
+                y = self.moe_batched(m, T) if step.decoding else self.moe(m, T)
                 gs = t.new(T * H * a)
                 t.free(s)
                 y2 = t.new(T * H * a)
                 t.free(y, gs, x)
                 return y2
-            y = self.moe_batched(m, T) if self.decoding else self.moe(m, T)
+            y = self.moe_batched(m, T) if step.decoding else self.moe(m, T)
             if m.shared_intermediate_size:
                 s = self.dense(m.shared_intermediate_size, True, T)
                 y2 = t.new(T * H * a)

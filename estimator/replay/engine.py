@@ -14,6 +14,7 @@ with none of this; ``tests/estimator/test_program_speed_equivalence.py`` holds t
 from __future__ import annotations
 
 from estimator.allocator import CachingAllocator
+from estimator.replay.step import Step
 from estimator.spec import LayerSpec
 
 
@@ -288,26 +289,24 @@ class Replay:
         return Template(ops, tape.n, x, x, sym, out)
 
     # ---- running ----------------------------------------------------------------------------------
-    def forward(self, q_len: int, past: int, logits_positions: int, use_cache: bool, static_len=None):
-        """One forward (the prompt, a decode step or a whole forward pass); returns the logits' block."""
-        run = self.run
-        run.static_decode = static_len is not None and q_len == 1
-        symbolic = q_len == 1 and past > 0
+    def forward(self, step: Step):
+        """One forward (the prompt, a decode step or a whole forward pass) at ``step.past`` (an int);
+        returns the logits' block."""
+        symbolic = step.q_len == 1 and step.past > 0
         if symbolic:
-            return self._step(q_len, past, logits_positions, use_cache, static_len)
-        frame = self._frame(q_len, past, logits_positions, use_cache, static_len, symbolic)
+            return self._step(step)
+        frame = self._frame(step, symbolic)
         loc = [None] * frame.n
-        self._execute(frame.ops, loc, past, (q_len, static_len, use_cache, symbolic))
+        self._execute(frame.ops, loc, step.past, (step, symbolic))
         return loc[frame.out[0]] if frame.out[0] is not None else None
 
-    def _frame(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len, symbolic: bool):
+    def _frame(self, step: Step, symbolic: bool):
         run = self.run
-        key = ("frame", q_len, logits_positions, use_cache, static_len, run.decoding, run.static_decode)
 
         def record(past):
-            return (run.frame(q_len, past, logits_positions, use_cache, static_len), run.static_decode)
+            return (run.frame(step.at(past)), step.static_decode)
 
-        return self._template(key, x, symbolic, record)
+        return self._template(("frame", *step.key()), step.past, symbolic, record)
 
     def _desc(self, i: int, x: int):
         """What layer ``i``'s recording assumes of its cache: none, or which tensors are tracked and the
@@ -318,10 +317,11 @@ class Replay:
         held = entry[2]
         return (entry[0] is not None, entry[1] is not None, "past" if held == x else held)
 
-    def _layer_template(self, i: int, layer: LayerSpec, x: int, q_len: int, static_len, use_cache: bool,
-                        symbolic: bool, small: bool, first: bool, desc) -> Template:
+    def _layer_template(self, i: int, layer: LayerSpec, step: Step, symbolic: bool, small: bool, first: bool,
+                        desc) -> Template:
+        """Layer ``i``'s recording at ``step`` (``step.past`` an int), its cache as ``desc`` says."""
         run = self.run
-        key = ("layer", self._kind[i], small, q_len, static_len, use_cache, run.decoding, run.static_decode,
+        key = ("layer", self._kind[i], small, step.q_len, step.static_len, step.use_cache, step.decoding,
                first, desc)
 
         def record(past):
@@ -333,74 +333,73 @@ class Replay:
                 run.cache[i] = [1 if desc[0] else None, 2 if desc[1] else None,
                                 past if desc[2] == "past" else desc[2]]
             if small:
-                run.cache_only_layer(i, layer.attention, past)
+                run.cache_only_layer(i, layer.attention, step.at(past))
                 h_out = None
             else:
                 # the masks are the frame's: a layer reads them and frees nothing of them
-                h_out = run.layer(i, layer, q_len, past, static_len, use_cache, {}, 0, [0] if first else [])
+                h_out = run.layer(i, layer, step.at(past), {}, 0, [0] if first else [])
             after = run.cache.get(i)
             if after is None:
                 return (h_out, None, None, None)
             return (h_out, after[0], after[1], after[2])
 
-        return self._template(key, x, symbolic, record)
+        return self._template(key, step.past, symbolic, record)
 
-    def _step_template(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len):
-        """The flattened decode step (``FlatStep``) valid at past ``x`` and its layers' descriptors, recorded if
-        none is; None for a step with a loop in a piece."""
-        run = self.run
+    def _step_template(self, step: Step):
+        """The flattened decode flat (``FlatStep``) valid at past ``x`` and its layers' descriptors, recorded if
+        none is; None for a flat with a loop in a piece."""
+        x = step.past
         descs = tuple(self._desc(i, x) for i in range(len(self.spec.layers)))
-        key = ("step", q_len, logits_positions, use_cache, static_len, run.decoding, run.static_decode, descs)
+        key = ("step", *step.key(), descs)
         for cand in self.templates.get(key, ()):
             if cand.lo <= x <= cand.hi:
                 return cand, descs
-        step = self._flatten(q_len, x, logits_positions, use_cache, static_len, descs)
-        if step is not None:
-            self.templates.setdefault(key, []).append(step)
-        return step, descs
+        flat = self._flatten(step, descs)
+        if flat is not None:
+            self.templates.setdefault(key, []).append(flat)
+        return flat, descs
 
-    def _step(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len):
-        """A decode step as one flat list of ops over every layer (``FlatStep``), built once and run for
-        every step its pieces hold for: no per-layer bookkeeping between the allocator's requests."""
-        step, _ = self._step_template(q_len, x, logits_positions, use_cache, static_len)
-        if step is None:  # a piece with a loop in it: run it piece by piece
-            frame = self._frame(q_len, x, logits_positions, use_cache, static_len, True)
+    def _step(self, step: Step):
+        """A decode flat as one flat list of ops over every layer (``FlatStep``), built once and run for
+        every flat its pieces hold for: no per-layer bookkeeping between the allocator's requests."""
+        x = step.past
+        flat, _ = self._step_template(step)
+        if flat is None:  # a piece with a loop in it: run it piece by piece
+            frame = self._frame(step, True)
             loc = [None] * frame.n
-            self._execute(frame.ops, loc, x, (q_len, static_len, use_cache, True))
+            self._execute(frame.ops, loc, x, (step, True))
             return loc[frame.out[0]] if frame.out[0] is not None else None
-        self.used.append(step)
-        loc = [None] * step.n
+        self.used.append(flat)
+        loc = [None] * flat.n
         cache = self.cache
-        for i, s0, s1 in step.cache_in:
+        for i, s0, s1 in flat.cache_in:
             entry = cache[i]
             loc[s0], loc[s1] = entry[0], entry[1]
-        self.alloc.run(step.ops, loc, 0, x)
-        for i, s0, s1, held in step.cache_out:
+        self.alloc.run(flat.ops, loc, 0, x)
+        for i, s0, s1, held in flat.cache_out:
             if held.__class__ is tuple:
                 held = held[0] + held[1] * x
             cache[i] = [loc[s0] if s0 is not None else None, loc[s1] if s1 is not None else None, held]
-        return loc[step.logits] if step.logits is not None else None
+        return loc[flat.logits] if flat.logits is not None else None
 
     def fast_steps(self, x: int, count: int, static_len, glue: tuple, held: list) -> tuple[int, int] | None:
         """Up to ``count`` whole decode steps from past ``x`` in one call of the allocator's ``decode`` (a
-        loop in C on the C allocator), while one flattened step serves them all: its sizes grow with the past
-        (a dynamic cache; the state does not repeat, so no step could be skipped), its recording holds and
-        every layer's cache descriptor (``_desc``) stays the same. Each step is the step's ops, then
+        loop in C on the C allocator), while one flattened flat serves them all: its sizes grow with the past
+        (a dynamic cache; the state does not repeat, so no flat could be skipped), its recording holds and
+        every layer's cache descriptor (``_desc``) stays the same. Each flat is the flat's ops, then
         ``glue`` (``simulate``'s logits copies) and the cache's hand-over, the same requests in the same
         order as ``_step`` and ``simulate``'s loop. ``held``: ``[logits32, scores]``, updated. Returns the
         steps run and the last of them (counted from 0) that raised the peak allocated, or -1; None
         (nothing run) when the steps do not qualify."""
-        run = self.run
-        run.static_decode = static_len is not None
-        step, descs = self._step_template(1, x, 1, True, static_len)
-        if step is None or not step.sym:
+        flat, descs = self._step_template(Step(1, x, True, static_len, 1, decoding=True))
+        if flat is None or not flat.sym:
             return None
-        k = min(count, step.hi - x + 1)
-        for i, s0, s1, h in step.cache_out:
+        k = min(count, flat.hi - x + 1)
+        for i, s0, s1, h in flat.cache_out:
             d = descs[i]
             if d is None or (s0 is not None) != d[0] or (s1 is not None) != d[1]:
                 return None
-            if h.__class__ is tuple:  # the held tokens grow: "past" at every step only as x + 1
+            if h.__class__ is tuple:  # the held tokens grow: "past" at every flat only as x + 1
                 if d[2] != "past" or h != (1, 1):
                     return None
             elif d[2] == "past" or h != d[2]:
@@ -409,22 +408,22 @@ class Replay:
                 k = min(k, h - x)
         if k < 2:
             return None
-        if step.fast is None or step.fast[0] != glue:
-            step.fast = (glue, *self._fast_program(step, glue))
-        _, ops, n, keep, l32, sc = step.fast
+        if flat.fast is None or flat.fast[0] != glue:
+            flat.fast = (glue, *self._fast_program(flat, glue))
+        _, ops, n, keep, l32, sc = flat.fast
         loc = [None] * n
         cache = self.cache
-        for i, c0, c1 in step.cache_in:
+        for i, c0, c1 in flat.cache_in:
             loc[c0], loc[c1] = cache[i][0], cache[i][1]
         loc[l32], loc[sc] = held
         last = self.alloc.decode(ops, loc, keep, x, k)
         x_end = x + k - 1
-        for i, c0, c1 in step.cache_in:
+        for i, c0, c1 in flat.cache_in:
             entry = cache[i]
             h = entry[2]
             cache[i] = [loc[c0], loc[c1], x_end + 1 if h == x else h]
         held[:] = [loc[l32], loc[sc]]
-        self.used = [step]
+        self.used = [flat]
         return k, last
 
     @staticmethod
@@ -452,12 +451,11 @@ class Replay:
             keep += [c0, c1]
         return ops + moves, n + 5, keep, l32, sc
 
-    def _flatten(self, q_len: int, x: int, logits_positions: int, use_cache: bool, static_len, descs):
+    def _flatten(self, step: Step, descs):
         """The frame's ops with every layer's ops spliced in at its layers op, slots renumbered; None when
         a piece has a loop (``Repeat``). Valid for the pasts every piece holds for."""
-        run = self.run
-        frame = self._frame(q_len, x, logits_positions, use_cache, static_len, True)
-        small = run.small_step(q_len, use_cache, static_len)
+        frame = self._frame(step, True)
+        small = self.run.small_step(step)
         n = frame.n
         rename = {s: s for s in range(frame.n)}
         ops, lo, hi, sym = [], frame.lo, frame.hi, frame.sym
@@ -472,8 +470,7 @@ class Replay:
             h = rename[h] if h is not None else None
             for i, layer in enumerate(self.spec.layers):
                 desc = descs[i]
-                tmpl = self._layer_template(i, layer, x, q_len, static_len, use_cache, True, small,
-                                            kept and i == 0, desc)
+                tmpl = self._layer_template(i, layer, step, True, small, kept and i == 0, desc)
                 if tmpl.loop is None:
                     tmpl.loop = any(ts == -1 for ts, _ in tmpl.ops)
                 if tmpl.loop:
@@ -508,14 +505,14 @@ class Replay:
             rename[out] = h if h is not None else out
         logits = frame.out[0]
         return FlatStep(Template(ops, n, lo, hi, sym, None), cache_in, cache_out,
-                     rename[logits] if logits is not None else None)
+                        rename[logits] if logits is not None else None)
 
-    def _layers(self, h, kept: bool, x: int, q_len: int, static_len, use_cache: bool, symbolic: bool):
-        small = self.run.small_step(q_len, use_cache, static_len)
+    def _layers(self, h, kept: bool, step: Step, symbolic: bool):
+        small = self.run.small_step(step)
+        x = step.past
         for i, layer in enumerate(self.spec.layers):
             entry = self.cache.get(i)
-            tmpl = self._layer_template(i, layer, x, q_len, static_len, use_cache, symbolic, small,
-                                        kept and i == 0, self._desc(i, x))
+            tmpl = self._layer_template(i, layer, step, symbolic, small, kept and i == 0, self._desc(i, x))
             lloc = [h, entry[0] if entry else None, entry[1] if entry else None] + [None] * (tmpl.n - 3)
             self._execute(tmpl.ops, lloc, x, None)
             h_out, s0, s1, held = tmpl.out
@@ -537,7 +534,7 @@ class Replay:
             slot, arg = ops[i]
             if slot == -2:  # the layers
                 h, kept, out = arg
-                loc[out] = self._layers(loc[h] if h is not None else None, kept, x, *frame)
+                loc[out] = self._layers(loc[h] if h is not None else None, kept, *frame)  # (step, symbolic)
             else:
                 self._repeat(arg, loc, x)
             i += 1

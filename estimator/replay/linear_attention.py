@@ -11,12 +11,13 @@ from estimator.spec import AttentionSpec
 class GatedDeltaNet:
     """Qwen3-Next's linear-attention layers on ``self.t``."""
 
-    def linear_mixer(self, i: int, att: AttentionSpec, q_len: int, x, use_cache: bool):
+    def linear_mixer(self, i: int, att: AttentionSpec, step, x):
         """Qwen3-Next's gated delta-net (``Qwen3NextGatedDeltaNet``) with transformers' torch fallbacks:
         ``causal_conv1d_fn`` and ``torch_chunk_gated_delta_rule`` for a prompt (or a forward without
         cache), ``causal_conv1d_update`` and ``torch_recurrent_gated_delta_rule`` for a decode step. The
         caller frees nothing: ``x`` (the normed input) is freed here, the layer's output returned."""
         t, a, b = self.t, self.a, self.b
+        q_len, use_cache = step.q_len, step.use_cache
         T = b * q_len
         nv, nk = att.num_heads, att.num_kv_heads or att.num_heads
         dk, dv = att.head_dim, att.v_head_dim or att.head_dim

@@ -16,6 +16,7 @@ from estimator.replay.blocks import Blocks
 from estimator.replay.engine import Tape
 from estimator.replay.layouts import layout, rotary_fraction
 from estimator.replay.linear_attention import GatedDeltaNet
+from estimator.replay.step import Step
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
 
 # The transformers release whose modeling code this program mirrors (and the H100 records were measured with).
@@ -37,8 +38,6 @@ class Program(Blocks, Attention, GatedDeltaNet):
         self.attn = workload.attn
         if not self.lay.sdpa and self.attn == "sdpa":
             self.attn = "eager"
-        self.decoding = False  # generate's decode steps (MoE switches to batched_mm)
-        self.static_decode = False
         self.cache: dict[int, list] = {}  # layer index -> cache tensors [k, v] (or latent, rope)
         # the resolved factor (rope_parameters / partial_rotary_factor / the class default: estimator/config.py)
         self.rotary_fraction = rotary_fraction(spec, self.lay)
@@ -65,22 +64,23 @@ class Program(Blocks, Attention, GatedDeltaNet):
             self._small = ok and self.b * widest < self.t.min_bytes
         return self._small
 
-    def cache_only_layer(self, i: int, att: AttentionSpec, past):
+    def cache_only_layer(self, i: int, att: AttentionSpec, step: Step):
         """A decode step's layer reduced to what the allocator sees of it (``_small_decode``): the cache
         concatenation (new K, free old K, new V, free old V)."""
         nkv = att.num_kv_heads or att.num_heads
         self.cache_update(i, att, self.b * nkv * att.head_dim * self.kv_b,
-                          self.b * nkv * (att.v_head_dim or att.head_dim) * self.kv_b, 1, past, None)
+                          self.b * nkv * (att.v_head_dim or att.head_dim) * self.kv_b, step)
 
     # ---- one forward, in the two pieces the replay records: the frame and a layer -------------------
-    def frame(self, q_len: int, past, logits_positions: int, use_cache: bool, static_len: int | None = None):
+    def frame(self, step: Step):
         """One model forward over ``q_len`` new tokens per sequence around its layers, which it records as
         one ``Tape.layers`` op; returns the logits' slot."""
         t, a, b = self.t, self.a, self.b
         spec = self.spec
         H, V = spec.hidden_size, spec.vocab_size
+        q_len, logits_positions = step.q_len, step.logits_positions
         T = b * q_len
-        if self.small_step(q_len, use_cache, static_len):  # each layer's cache concatenation, the logits
+        if self.small_step(step):  # each layer's cache concatenation, the logits
             t.layers(None, False)
             return t.new(b * V * a)
         emb = t.new(T * H * a)
@@ -105,7 +105,7 @@ class Program(Blocks, Attention, GatedDeltaNet):
             s32 = t.new(T * dh * 4)
             rot = [t.new(T * dh * a), t.new(T * dh * a)]
             t.free(freqs, embf, c32, s32)
-        masks = self.make_masks(q_len, past + q_len)
+        masks = self.make_masks(step)
         h = t.layers(h, h in keep)  # every decoder layer (``layer``), each freeing its input
         hn = self.norm(T * H)
         if h not in keep:
@@ -121,17 +121,16 @@ class Program(Blocks, Attention, GatedDeltaNet):
         t.free(hn)
         return logits
 
-    def small_step(self, q_len: int, use_cache: bool, static_len: int | None) -> bool:
-        return q_len == 1 and use_cache and static_len is None and self._small_decode()
+    def small_step(self, step: Step) -> bool:
+        return step.q_len == 1 and step.use_cache and step.static_len is None and self._small_decode()
 
-    def layer(self, i: int, layer: LayerSpec, q_len: int, past, static_len: int | None, use_cache: bool,
-              masks: dict, h_in, keep: list):
+    def layer(self, i: int, layer: LayerSpec, step: Step, masks: dict, h_in, keep: list):
         """Decoder layer ``i`` on the hidden states ``h_in``; returns its output's slot."""
         t, a = self.t, self.a
-        T, H = self.b * q_len, self.spec.hidden_size
+        T, H = self.b * step.q_len, self.spec.hidden_size
         # the caller's ``hidden_states`` keeps the layer's input alive until the layer returns
         x = self.norm(T * H)
-        y, weights = self.attention(i, layer, q_len, past, x, static_len, use_cache, masks)
+        y, weights = self.attention(i, layer, step, x, masks)
         if self.lay.sandwich_norms:
             y2 = self.norm(T * H)
             t.free(y)
@@ -139,7 +138,7 @@ class Program(Blocks, Attention, GatedDeltaNet):
         h1 = t.new(T * H * a)
         t.free(y)
         x2 = self.norm(T * H)  # post_attention_layernorm (Gemma: pre_feedforward_layernorm)
-        y = self.mlp(layer, T, x2)
+        y = self.mlp(layer, step, x2)
         if self.lay.sandwich_norms:
             y2 = self.norm(T * H)
             t.free(y)

@@ -50,20 +50,15 @@ cuBLAS workspace.
 Family quirks live in ``layout(model_type)``: ``LAYOUTS``' compute knobs and the parameter-layout knobs of
 ``estimator/families.py``'s ``DECODERS``; everything else follows from the ``ModelSpec``.
 
-How it runs fast, with the same result as replaying every tensor of every layer and step (checked
-against a frozen oracle, ``tests/estimator/test_program_speed_equivalence.py``): ``_Run`` describes the
-program on a ``_Tape`` that records ops on numbered slots; ``_Replay`` records each piece (a forward's
-frame, one decoder layer) once per shape and replays the recording for every layer of that kind. A
-decode step's pieces are recorded with the past tokens as a symbol (``_Sym``: sizes ``a + b * past``,
-comparisons kept as conditions), so one recording serves every step for which the conditions answer
-the same, and a whole step runs as one flat list of ops (``_Step``). Two repetitions are skipped, only
-once the allocator's state has been seen to repeat exactly: the iterations of a loop (the gated delta
-rule's chunks) and decode steps whose sizes no longer grow (a static cache, a full sliding window).
-A dynamic cache that grows is replayed step by step: its blocks keep moving between segments, and the
-allocator's state does not repeat.
+How it runs fast, with the same result as replaying every tensor of every layer and step: the template
+engine (``estimator/replay/engine.py``) records each piece once and replays it; the plain replay
+(``estimator/replay/reference.py``) runs every piece, and the frozen oracle it writes
+(``tests/estimator/test_program_speed_equivalence.py``) holds the two to the same bytes. A dynamic cache
+that grows is replayed step by step: its blocks keep moving between segments, and the allocator's state
+does not repeat.
 
 The optional C allocator (``estimator/_replay.c``, built when a compiler is there) runs the same requests
-4-8x faster, and whole runs of such growing decode steps in one call (``_Replay.fast_steps``), 30-40x
+4-8x faster, and whole runs of such growing decode steps in one call (``Replay.fast_steps``), 30-40x
 faster; ``simulate`` uses it unless ``ACCELERATE`` is False (``VRAMCAL_PYTHON_REPLAY=1``), and falls back to
 the Python allocator, the reference, when a size passes 2**62. Both give the same bytes
 (``tests/estimator/test_replay_accelerator.py`` and the oracle, on both paths).
@@ -76,6 +71,7 @@ import os
 from estimator.allocator import SMALL_SIZE, CachingAllocator, round_size
 from estimator.replay.engine import Replay
 from estimator.replay.program import Program
+from estimator.replay.step import Step
 from estimator.replay.weights import weights_state
 from estimator.spec import ModelSpec
 
@@ -128,7 +124,7 @@ def _simulate(spec: ModelSpec, workload, min_bytes: int, allocator) -> dict[str,
         return alloc.malloc(nbytes) if nbytes >= min_bytes else None
 
     if workload.workload == "forward":
-        alloc.free(replay.forward(workload.context, 0, workload.context, use_cache=False))
+        alloc.free(replay.forward(Step(workload.context, 0, use_cache=False, logits_positions=workload.context)))
     else:
         static = workload.cache_tokens if workload.cache == "static" else None
         prompt = workload.prompt_tokens
@@ -144,7 +140,6 @@ def _simulate(spec: ModelSpec, workload, min_bytes: int, allocator) -> dict[str,
         grew = True  # the last step's sizes grew with the past (or it was the prompt): ``seen`` was reset
         while step < steps:
             q_len = prompt if step == 0 else 1
-            replay.run.decoding = step > 0
             if step > 1 and not grew:
                 # Decode steps whose pieces allocate the same sizes at any past (a static cache, a full
                 # sliding window) and that bring the allocator back to a state it had p steps earlier
@@ -176,7 +171,7 @@ def _simulate(spec: ModelSpec, workload, min_bytes: int, allocator) -> dict[str,
                     continue
             replay.used = []
             before = alloc.peak_allocated
-            logits = replay.forward(q_len, past, 1, use_cache=True, static_len=static)
+            logits = replay.forward(Step(q_len, past, True, static, 1, decoding=step > 0))
             past += q_len
             logits32 = new(b * V * 4)  # logits[:, -1].to(float32, copy=True)
             alloc.free(prev_logits32)
