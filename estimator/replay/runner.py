@@ -113,6 +113,13 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES,
     return _simulate(spec, workload, min_bytes, CachingAllocator)
 
 
+def generate_scores_logits(spec: ModelSpec, workload) -> bool:
+    """Whether generate's min-length processor copies the logits (twice, fp32) at every step: the model has
+    an EOS token and ``min_new_tokens`` is set (the harness's method, for more than one new token)."""
+    eos = spec.config.get("eos_token_id") if spec.config else None
+    return eos is not None and workload.new_tokens > 1
+
+
 def _simulate(spec: ModelSpec, workload, min_bytes: int, allocator) -> dict[str, int]:
     alloc = allocator.restore(weights_state(spec, workload, min_bytes))
     base = alloc.allocated
@@ -128,8 +135,7 @@ def _simulate(spec: ModelSpec, workload, min_bytes: int, allocator) -> dict[str,
     else:
         static = workload.cache_tokens if workload.cache == "static" else None
         prompt = workload.prompt_tokens
-        eos = spec.config.get("eos_token_id") if spec.config else None
-        scored = eos is not None and workload.new_tokens > 1
+        scored = generate_scores_logits(spec, workload)
         copy = round_size(b * V * 4) if b * V * 4 >= min_bytes else 0  # a tracked fp32 copy of the logits
         past = 0
         prev_logits32 = prev_scores = None
