@@ -97,7 +97,8 @@ CLI = {  # name -> vramcal arguments, timed from a cold start
 
 def latency(runs: int, python: bool) -> dict:
     """Median seconds of one estimate in a warm process (llama-3.1-8b at 8192 tokens), per replay path."""
-    from estimator import Workload, estimate, load_model, program
+    from estimator import Workload, estimate, load_model
+    from estimator.replay import runner as program
 
     spec = load_model("llama-3.1-8b")
     cases = {
@@ -133,7 +134,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.python:
         os.environ["VRAMCAL_PYTHON_REPLAY"] = "1"  # the CLI runs below, and this process
-    from estimator import program
+    from estimator.replay import runner as program
 
     program.ACCELERATE = not args.python
 

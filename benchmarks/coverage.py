@@ -392,7 +392,7 @@ def markdown(rows: list[dict], versions: dict) -> str:
         f"defaults, cut to the first {PER_KIND} layers of every distinct layer kind (`layer_types`, "
         "`layers_block_type`, `mlp_layer_types`...; so a hybrid keeps its attention layers), traced with "
         "fake tensors (`harness/trace.py`), and estimated by the engine `vramcal estimate --engine auto` picks: "
-        "the replay (`estimator/program.py`) where the estimator's families read the config, else the trace "
+        "the replay (`estimator/replay/`) where the estimator's families read the config, else the trace "
         "engine (`harness/trace_estimate.py`: the traced allocations and frees, in order, through the "
         "allocator model). Workloads: generate, context 256 x batch 2 with 8 new tokens (dynamic cache), and "
         "forward, 128 x 1 (both capped at a model's learned positions); bf16, sdpa (eager where transformers "

@@ -184,7 +184,7 @@ def _table(header: tuple[str, ...], rows: list[tuple], align: str) -> list[str]:
 
 def _describe(est, spec=None) -> list[str]:
     from estimator.estimate import weight_format
-    from estimator.program import attention_used
+    from estimator.replay import attention_used
 
     w = est.workload
     attn = attention_used(spec.model_type, w.attn) if spec is not None else w.attn

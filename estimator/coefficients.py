@@ -40,7 +40,7 @@ COEFFICIENTS: dict[str, tuple[float, float, float, str]] = {
     "act_scores_math": (3.0, 0.0, 12.0, "copies of the scores sdpa's math kernel materialises"),
     "act_logits": (1.0, 0.0, 8.0, "copies of the logits (positions x vocab) at the head"),
     "act_head_hidden": (2.0, 0.0, 16.0, "copies of the hidden states alive beside the logits"),
-    "sim_allocated_factor": (1.0, 0.9, 1.3, "bytes allocated per byte of the simulated program's peak (estimator/program.py)"),
+    "sim_allocated_factor": (1.0, 0.9, 1.3, "bytes allocated per byte of the simulated program's peak (estimator/replay/)"),
     "sim_reserve_factor": (1.0, 0.0, 2.0, "allocator reserve per byte of the simulated fragmentation (reserved - allocated)"),
     "workspace_bytes": (32 * 2**20, 0.0, 2**30, "bytes allocated besides the weights and the simulated tensors: cuBLAS workspaces, tensors under 1 MiB"),
     "overhead_bytes": (768 * 2**20, 0.0, 8 * 2**30, "CUDA context, cuBLAS/cuDNN workspaces: bytes outside torch's allocator"),

@@ -1,4 +1,4 @@
-"""Which engine answers: the replay (``estimator/program.py``, pure Python) or the trace (``harness``, torch).
+"""Which engine answers: the replay (``estimator/replay/``, pure Python) or the trace (``harness``, torch).
 
 Both return the same ``Estimate``. ``--engine auto`` (the default) takes the replay when the estimator's
 families read the model's config (fast: milliseconds, no torch), else the trace engine

@@ -1,7 +1,7 @@
 """The estimate: exact terms (``estimator/terms.py``) combined by coefficients into the peak.
 
 For transformers, the terms include the run replayed in the caching-allocator model
-(``estimator/program.py``): ``sim_allocated`` and ``sim_reserved`` are the peaks above the weights of
+(``estimator/replay/``): ``sim_allocated`` and ``sim_reserved`` are the peaks above the weights of
 ``max_memory_allocated`` and ``max_memory_reserved``. The model of the peak, in bytes::
 
     allocated   = weights + sim_allocated_factor x sim_allocated + workspace_bytes
@@ -110,7 +110,7 @@ class Estimate:
     notes: tuple[str, ...] = ()
     gpu: str | None = None  # the GPU low/high are for (None: the coefficients' own)
     beyond_trained_positions: bool = False  # context above max_position_embeddings (a rope model runs it)
-    # Which engine answered: "replay" (estimator/program.py, pure Python) or "trace" (harness, fake tensors),
+    # Which engine answered: "replay" (estimator/replay/, pure Python) or "trace" (harness, fake tensors),
     # and for the trace the transformers version that was traced.
     engine: str = "replay"
     engine_version: str | None = None

@@ -32,16 +32,33 @@ __all__ = ["Config", "DECODERS", "FAMILIES", "spec_from_config"]
 
 
 class _Parts:
-    """Accumulates matmul weights (merged when identical), other parameters and layers."""
+    """Accumulates matmul weights (merged when identical), other parameters and layers, and every parameter
+    tensor's elements in the order the modeling code's ``__init__`` registers them (``tensors``: the order
+    the weights are loaded in, which the replay's allocator starts from; ``estimator/replay/``)."""
 
     def __init__(self):
         self.linears: Counter[tuple] = Counter()
         self.other: Counter[str] = Counter()
         self.layers: list[LayerSpec] = []
+        self.tensors: list[int] = []
+        self.front: list[int] = []  # created before the decoder layers, after the token embedding (wpe)
 
     def linear(self, role: str, in_f: int, out_f: int, count: int = 1, bias: bool = False,
-               quantizable: bool = True) -> None:
+               quantizable: bool = True, fused: bool = False, tensors: bool = True) -> None:
+        """``count`` weights (out_f, in_f), each a tensor, or one (count, out_f, in_f) tensor when ``fused``
+        (transformers 5's experts); ``tensors=False``: the caller records the tensors (a fused projection)."""
         self.linears[(role, in_f, out_f, bias, quantizable)] += count
+        if tensors:
+            for _ in range(1 if fused else count):
+                n = count if fused else 1
+                self.tensors.append(n * in_f * out_f)
+                if bias:
+                    self.tensors.append(n * out_f)
+
+    def param(self, category: str, elems: int, count: int = 1) -> None:
+        """``count`` parameter tensors of ``elems`` elements that are not matmul weights (norms, sinks...)."""
+        self.other[category] += count * elems
+        self.tensors.extend([elems] * count)
 
     def linear_tuple(self) -> tuple[Linear, ...]:
         return tuple(Linear(role, i, o, n, b, q) for (role, i, o, b, q), n in self.linears.items())
@@ -73,6 +90,9 @@ class Decoder:
     moe: str | None = None  # a key of _MOE, or None for a dense model
     rotary_per_layer_type: bool = False  # Gemma 3: one rotary embedding per layer type its layers use
     embed_scale: bool = False  # Gemma's scaled embedding registers a scalar buffer
+    fused_qkv: bool = False  # Phi-3: one qkv_proj tensor (the same parameters as q, k, v)
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj tensor
+    sinks: bool = False  # gpt-oss: one learned sink logit per head
     linear_attention: bool = False  # Qwen3-Next / Qwen3.5: gated delta-net layers where layer_types say so
 
 
@@ -87,14 +107,16 @@ class MoE:
     placement: str = "every"
     expert_bias: bool = False  # gpt-oss: biases on experts and router
     shared: str | None = None  # None; "gated": Qwen's shared expert and its sigmoid gate; "plain": Llama 4's
+    router_first: bool = False  # the block registers its router (``gate``) before the experts (parameter order)
 
 
 _MOE: dict[str, MoE] = {
-    "mixtral": MoE("num_local_experts"),
-    "olmoe": MoE("num_experts"),
-    "gpt_oss": MoE("num_local_experts", expert_bias=True),
+    "mixtral": MoE("num_local_experts", router_first=True),
+    "olmoe": MoE("num_experts", router_first=True),
+    "gpt_oss": MoE("num_local_experts", expert_bias=True, router_first=True),
     "qwen": MoE("num_experts", "moe_intermediate_size", placement="sparse_step"),
-    "qwen_next": MoE("num_experts", "moe_intermediate_size", placement="sparse_step", shared="gated"),
+    "qwen_next": MoE("num_experts", "moe_intermediate_size", placement="sparse_step", shared="gated",
+                     router_first=True),
     "qwen3_5": MoE("num_experts", "moe_intermediate_size", shared="gated"),
     "llama4": MoE("num_local_experts", placement="moe_layers", shared="plain"),
 }
@@ -201,21 +223,28 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
             window = cfg.get(window_key) if window_key else None
             if window_key and window is None:
                 raise cfg.fail(f"layer {i} is {layer_type} but '{cfg.key(window_key)}' is null or absent")
-            p.linear("attn", hidden, q_out * (2 if dec.gated_query else 1), bias=qkv_bias)
-            p.linear("attn", hidden, kv_out, 2, bias=qkv_bias)  # k_proj, v_proj
+            if dec.sinks:
+                p.param("other", heads)  # attention sinks: one logit per head, the module's own parameter
+            q_width = q_out * (2 if dec.gated_query else 1)
+            p.linear("attn", hidden, q_width, bias=qkv_bias, tensors=not dec.fused_qkv)
+            p.linear("attn", hidden, kv_out, 2, bias=qkv_bias, tensors=not dec.fused_qkv)  # k_proj, v_proj
             p.linear("attn", q_out, hidden, bias=o_bias)
+            if dec.fused_qkv:  # Phi-3: one qkv_proj (q_out + 2 kv_out, hidden), registered after o_proj
+                p.tensors.append(hidden * (q_width + 2 * kv_out))
+                if qkv_bias:
+                    p.tensors.append(q_width + 2 * kv_out)
             if dec.qk_norm == "head":
-                p.other["norm"] += 2 * head_dim
+                p.param("norm", head_dim, 2)
             elif dec.qk_norm == "full":
-                p.other["norm"] += q_out + kv_out
-            if model_type == "gpt_oss":
-                p.other["other"] += heads  # attention sinks: one logit per head
+                p.param("norm", q_out)
+                p.param("norm", kv_out)
             attention = AttentionSpec(kind, heads, kv_heads, head_dim, head_dim, window=window)
         if _moe_layer(cfg, moe, i, n_layers):
             mlp = _moe(cfg, moe, p, hidden)
         else:
-            mlp = _dense_mlp(cfg, p, hidden, mlp_bias, width=cfg.need(dec.dense_width_key, "the MLP width"))
-        p.other["norm"] += dec.norms_per_layer * hidden
+            mlp = _dense_mlp(cfg, p, hidden, mlp_bias, width=cfg.need(dec.dense_width_key, "the MLP width"),
+                             fused=dec.fused_gate_up)
+        p.param("norm", hidden, dec.norms_per_layer)
         p.layers.append(LayerSpec(attention, mlp))
 
     rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
@@ -225,9 +254,9 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
 
 
 def _dense_mlp(cfg: Config, p: _Parts, hidden: int, bias: bool = False, width: int | None = None,
-               role: str = "mlp") -> MLPSpec:
+               role: str = "mlp", fused: bool = False) -> MLPSpec:
     width = width or cfg.need("intermediate_size", "the MLP width")
-    p.linear(role, hidden, width, 2, bias=bias)  # gate_proj, up_proj
+    p.linear(role, hidden, width, 2, bias=bias, fused=fused)  # gate_proj, up_proj (Phi-3: gate_up_proj)
     p.linear(role, width, hidden, bias=bias)
     return MLPSpec("dense", width, gated=True)
 
@@ -239,10 +268,13 @@ def _moe(cfg: Config, moe: MoE, p: _Parts, hidden: int) -> MLPSpec:
         raise cfg.fail(f"'{cfg.key('num_experts_per_tok')}' ({top_k}) is more than the "
                        f"{experts} experts of '{cfg.key(moe.experts_key)}'")
     width = cfg.need(moe.width_key, "the expert width")
+    if moe.router_first:
+        p.linear("router", hidden, experts, bias=moe.expert_bias, quantizable=False)
     # transformers stores experts as (E, 2I, H) gate_up and (E, H, I) down tensors
-    p.linear("expert", hidden, 2 * width, experts, bias=moe.expert_bias)
-    p.linear("expert", width, hidden, experts, bias=moe.expert_bias)
-    p.linear("router", hidden, experts, bias=moe.expert_bias, quantizable=False)
+    p.linear("expert", hidden, 2 * width, experts, bias=moe.expert_bias, fused=True)
+    p.linear("expert", width, hidden, experts, bias=moe.expert_bias, fused=True)
+    if not moe.router_first:
+        p.linear("router", hidden, experts, bias=moe.expert_bias, quantizable=False)
     shared = 0
     if moe.shared == "gated":  # Qwen: shared_expert + shared_expert_gate
         shared = cfg.need("shared_expert_intermediate_size", "the shared expert width")
@@ -268,11 +300,13 @@ def _gated_delta_net(cfg: Config, p: _Parts, hidden: int) -> AttentionSpec:
     kernel = cfg.get("linear_conv_kernel_dim", 4)
     key_width, value_width = k_heads * k_dim, v_heads * v_dim
     conv_dim = 2 * key_width + value_width
+    # in named_parameters() order: the module's own dt_bias and A_log, then its submodules
+    p.param("other", v_heads, 2)  # dt_bias, A_log
+    p.param("other", conv_dim * kernel)  # depthwise conv1d (no bias)
     p.linear("ssm", hidden, 2 * key_width + 2 * value_width)  # in_proj_qkvz
     p.linear("ssm", hidden, 2 * v_heads)  # in_proj_ba
+    p.param("norm", v_dim)  # gated RMSNorm over one value head
     p.linear("ssm", value_width, hidden)  # out_proj
-    p.other["other"] += conv_dim * kernel + 2 * v_heads  # depthwise conv1d (no bias), dt_bias, A_log
-    p.other["norm"] += v_dim  # gated RMSNorm over one value head
     # cache_utils.LinearAttentionLayer: conv state (batch, conv_dim, kernel) in the model dtype, and the
     # delta-rule state (batch, v_heads, k_dim, v_dim), which the torch and fla kernels keep in fp32.
     return AttentionSpec("linear", v_heads, k_heads, k_dim, v_dim, state_elems=v_heads * k_dim * v_dim,
@@ -283,7 +317,8 @@ def _finish(cfg: Config, p: _Parts, model_type: str, vocab: int, hidden: int, bu
             max_positions: int | None = None) -> ModelSpec:
     tied = bool(cfg.get("tie_word_embeddings", False))
     p.other["embedding"] += vocab * hidden
-    p.other["norm"] += hidden  # final norm
+    p.tensors[:0] = [vocab * hidden, *p.front]  # embed_tokens (GPT-2: wte, wpe) come before the layers
+    p.param("norm", hidden)  # final norm
     if not tied:
         p.linear("lm_head", hidden, vocab, quantizable=False)
     return ModelSpec(
@@ -291,6 +326,7 @@ def _finish(cfg: Config, p: _Parts, model_type: str, vocab: int, hidden: int, bu
         linears=p.linear_tuple(), other_params=dict(p.other), tie_word_embeddings=tied,
         max_position_embeddings=max_positions or cfg.get("max_position_embeddings"), config=cfg.data,
         buffer_elems=buffers, partial_rotary_factor=cfg.get("partial_rotary_factor", 1.0),
+        parameter_tensors=tuple(p.tensors),
     )
 
 
@@ -313,20 +349,20 @@ def _deepseek(cfg: Config, model_type: str) -> ModelSpec:
     first_dense = cfg.get("first_k_dense_replace", 0)
     p = _Parts()
     qk_dim = nope + rope
-    mla = AttentionSpec("mla", heads, heads, qk_dim, v_dim, kv_lora_rank=kv_lora, qk_rope_head_dim=rope)
+    mla = AttentionSpec("mla", heads, heads, qk_dim, v_dim, kv_lora_rank=kv_lora, qk_rope_head_dim=rope,
+                        q_lora_rank=q_lora or 0)
     n_moe = 0
     for i in range(n_layers):
         if q_lora is None:
             p.linear("attn", hidden, heads * qk_dim)  # q_proj
         else:
             p.linear("attn", hidden, q_lora, bias=bias)  # q_a_proj
-            p.other["norm"] += q_lora  # q_a_layernorm
+            p.param("norm", q_lora)  # q_a_layernorm
             p.linear("attn", q_lora, heads * qk_dim)  # q_b_proj
         p.linear("attn", hidden, kv_lora + rope, bias=bias)  # kv_a_proj_with_mqa
-        p.other["norm"] += kv_lora  # kv_a_layernorm
+        p.param("norm", kv_lora)  # kv_a_layernorm
         p.linear("attn", kv_lora, heads * (nope + v_dim))  # kv_b_proj
         p.linear("attn", heads * v_dim, hidden, bias=bias)  # o_proj
-        p.other["norm"] += 2 * hidden
         # transformers: every layer from first_k_dense_replace on is MoE (moe_layer_freq is not read)
         if i < first_dense:
             mlp = _dense_mlp(cfg, p, hidden, bias=bool(cfg.get("mlp_bias", False)))
@@ -335,13 +371,14 @@ def _deepseek(cfg: Config, model_type: str) -> ModelSpec:
             experts = cfg.need("n_routed_experts", "the expert count")
             width = cfg.need("moe_intermediate_size", "the expert width")
             shared = width * cfg.get("n_shared_experts", 1 if model_type == "deepseek_v3" else 2)
-            p.linear("expert", hidden, 2 * width, experts)
-            p.linear("expert", width, hidden, experts)
+            p.linear("expert", hidden, 2 * width, experts, fused=True)
+            p.linear("expert", width, hidden, experts, fused=True)
             p.linear("router", hidden, experts, quantizable=False)
             if shared:
                 _dense_mlp(cfg, p, hidden, width=shared, role="shared_expert")
             mlp = MLPSpec("moe", width, True, experts, cfg.need("num_experts_per_tok", "the experts used per token"),
                           shared)
+        p.param("norm", hidden, 2)  # input_layernorm, post_attention_layernorm (registered after the mlp)
         p.layers.append(LayerSpec(mla, mlp))
     buffers = 2 * (rope // 2)
     if model_type == "deepseek_v3":  # router e_score_correction_bias, one per expert
@@ -366,14 +403,16 @@ def _gpt2(cfg: Config, model_type: str) -> ModelSpec:
     attention = AttentionSpec("full", heads, heads, hidden // heads, hidden // heads)
     mlp = MLPSpec("dense", inner, gated=False)
     for _ in range(n_layers):
+        p.param("norm", hidden, 2)  # ln_1: weight and bias
         p.linear("attn", hidden, 3 * hidden, bias=True)  # c_attn: fused q, k, v
         p.linear("attn", hidden, hidden, bias=True)  # attn.c_proj
+        p.param("norm", hidden, 2)  # ln_2
         p.linear("mlp", hidden, inner, bias=True)  # c_fc
         p.linear("mlp", inner, hidden, bias=True)  # mlp.c_proj
-        p.other["norm"] += 2 * 2 * hidden  # ln_1, ln_2: weight and bias
         p.layers.append(LayerSpec(attention, mlp))
-    p.other["other"] += positions * hidden  # wpe
-    p.other["norm"] += hidden  # ln_f bias (its weight is counted by _finish)
+    p.other["other"] += positions * hidden
+    p.front.append(positions * hidden)  # wpe, right after wte
+    p.param("norm", hidden)  # ln_f bias (its weight is counted by _finish)
     return _finish(cfg, p, model_type, vocab, hidden, 0, max_positions=positions)
 
 
@@ -387,13 +426,13 @@ DECODERS: dict[str, Decoder] = {
     "mistral": Decoder(windows="all"),
     "qwen2": Decoder(qkv_bias=True, o_bias=False, windows="qwen"),
     "qwen3": Decoder(qk_norm="head", windows="qwen"),
-    "phi3": Decoder(windows="all"),
+    "phi3": Decoder(windows="all", fused_qkv=True, fused_gate_up=True),
     "gemma2": Decoder(windows="alternate", **_GEMMA),
     "gemma3_text": Decoder(qk_norm="head", windows="pattern", rotary_per_layer_type=True, **_GEMMA),
     "mixtral": Decoder(windows="all", moe="mixtral"),
     "qwen3_moe": Decoder(qk_norm="head", windows="qwen_all", moe="qwen"),
     "olmoe": Decoder(qk_norm="full", moe="olmoe"),
-    "gpt_oss": Decoder(moe="gpt_oss"),
+    "gpt_oss": Decoder(moe="gpt_oss", sinks=True),
     "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True),
     "qwen3_5_text": Decoder(qk_norm="head", gated_query=True, linear_attention=True),
     "qwen3_5_moe_text": Decoder(qk_norm="head", gated_query=True, moe="qwen3_5", linear_attention=True),
@@ -443,18 +482,26 @@ def _with_towers(spec: ModelSpec, parsed: ParsedConfig, raw: dict) -> ModelSpec:
         return replace(spec, parts={"language_model": language})
     other = dict(spec.other_params)
     linears = spec.linears
+    tensors = list(spec.parameter_tensors)
     tied = spec.tie_word_embeddings
     if towers.tied is not None and towers.tied != tied:  # the wrapper's lm_head follows the wrapper's flag
         tied = towers.tied
         hidden, vocab = spec.hidden_size, spec.vocab_size
         if tied:
             linears = tuple(l for l in linears if l.role != "lm_head")
+            tensors.pop()  # the lm_head, the last tensor _finish records
         else:
             linears = (*linears, Linear("lm_head", hidden, vocab, quantizable=False))
+            tensors.append(hidden * vocab)
         language += (-1 if tied else 1) * hidden * vocab
     for part, count in towers.parts.items():
         other[part] = other.get(part, 0) + count
+    # The towers' parameters as one block per part, before the language model (the wrappers' ``Model``
+    # creates vision_tower and multi_modal_projector first): their sum is exact, their split into tensors
+    # is not known here, which moves the weights' fragmentation only (the replay's tracked tensors).
+    tensors[:0] = [count for count in towers.parts.values() if count]
     return replace(spec, other_params=other, linears=linears, tie_word_embeddings=tied, config=raw,
+                   parameter_tensors=tuple(tensors),
                    buffer_elems=spec.buffer_elems + towers.buffers, parts={"language_model": language, **towers.parts},
                    uncounted_parts=towers.uncounted)
 

@@ -50,6 +50,7 @@ class AttentionSpec:
     window: int | None = None  # sliding-window layers: tokens kept
     kv_lora_rank: int = 0  # MLA: compressed KV width
     qk_rope_head_dim: int = 0  # MLA: rotary part of the key, shared across heads
+    q_lora_rank: int = 0  # MLA: the query's low-rank width (q_a_proj, q_b_proj); 0: one q_proj (V2-Lite)
     # Linear-attention / state-space layers: recurrent state elements per sequence (conv + ssm state),
     # stored at ``state_dtype`` ("float32" or "model", i.e. the model's dtype).
     state_elems: int = 0
@@ -112,6 +113,9 @@ class ModelSpec:
     config_dtype: str | None = None  # the config's dtype / torch_dtype, canonical ("bfloat16"), if known
     # The fraction of head_dim that rotary embeddings rotate (rope_parameters / partial_rotary_factor).
     partial_rotary_factor: float = 1.0
+    # Every parameter tensor's elements in the order the modeling code registers them, summing to
+    # num_parameters (estimator/families.py): the load order the replay's allocator starts from.
+    parameter_tensors: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "other_params", MappingProxyType(dict(self.other_params)))

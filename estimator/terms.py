@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from estimator.dtypes import COMPUTE_DTYPES, dtype_bytes, normalize_dtype
 from estimator.errors import UserError
-from estimator.program import simulate
+from estimator.replay import simulate
 from estimator.quant import normalize_quant
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
 
@@ -268,7 +268,7 @@ def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
     ``logits`` (positions whose logits are computed x vocab, model dtype); ``*_decode`` variants for one
     decode step. All in bytes at the activation dtype (the model's dtype; quantized models compute
     in it too). For transformers, also ``sim_allocated_bytes`` / ``sim_reserved_bytes``: the peaks of the
-    whole run replayed in the caching-allocator model (``estimator/program.py``), and
+    whole run replayed in the caching-allocator model (``estimator/replay/``), and
     ``sim_peak_step`` (0: the prefill or the forward; n: the n-th decode step).
     """
     a = dtype_bytes(workload.dtype)
@@ -318,7 +318,7 @@ def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
         out.update({f"{k}_decode": v for k, v in decode.items()})
     if workload.framework == "transformers":
         # The whole run replayed in the caching-allocator model: peak allocated and reserved bytes above
-        # the weights, fragmentation included (estimator/program.py).
+        # the weights, fragmentation included (estimator/replay/).
         out.update(simulate(spec, workload))
     return {k: int(v) for k, v in out.items()}
 

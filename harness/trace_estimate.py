@@ -1,6 +1,6 @@
 """The traced engine: an `Estimate` for any causal LM transformers can build, from a trace.
 
-The fast replay (``estimator/program.py``) writes out, family by family, the tensors a transformers run
+The fast replay (``estimator/replay/``) writes out, family by family, the tensors a transformers run
 allocates. For a family it does not know, this engine gets the same sequence from the real modeling
 code: ``harness.trace.run_trace`` builds the model under fake tensors, drives generate (or one forward)
 and records every storage allocation and free in order (``StorageTracker(record_events=True)``). The
@@ -12,7 +12,7 @@ feeds its own, so the features mean what the replay's mean and calibrated coeffi
   reset (the harness's ``reset_peak_memory_stats()`` after loading);
 - the cuBLAS workspace is left out: the ``workspace_bytes`` coefficient carries it, as for the replay;
 - every other storage is fed, the small pool's too. The replay leaves out tensors under 1 MiB for speed
-  (``estimator.program.MIN_TRACKED_BYTES``), and ``workspace_bytes`` absorbs them; measured on traces they add
+  (``estimator.replay.MIN_TRACKED_BYTES``), and ``workspace_bytes`` absorbs them; measured on traces they add
   under 1 MiB to the peak of the calibration's models (0.6 MiB for qwen2.5-0.5b at 4k x 4), so the
   calibrated value applies unchanged, while for models of small width (hidden 768: mamba-130m, bart)
   they are several % of the peak, which the trace engine gets right;
@@ -42,7 +42,7 @@ ENGINE = "trace"
 def simulate_events(tracker, min_bytes: int = 1) -> dict[str, int]:
     """The replay's ``simulate`` features from a traced allocation sequence (see the module docstring).
 
-    ``tracker`` ran with ``record_events=True``; ``min_bytes=estimator.program.MIN_TRACKED_BYTES`` leaves
+    ``tracker`` ran with ``record_events=True``; ``min_bytes=estimator.replay.MIN_TRACKED_BYTES`` leaves
     out what the replay leaves out. Returns ``sim_allocated_bytes``, ``sim_reserved_bytes`` (peaks above
     the weights) and ``sim_peak_step``.
     """

@@ -1,4 +1,4 @@
-"""The caching-allocator model (estimator/allocator.py) and the replayed program (estimator/program.py).
+"""The caching-allocator model (estimator/allocator.py) and the replayed program (estimator/replay/).
 
 Rules cited from c10/cuda/CUDACachingAllocator.cpp (torch 2.x, default PYTORCH_CUDA_ALLOC_CONF); golden
 peaks from the reference H100 measurements (results/reference/h100-transformers-5.17.jsonl).
@@ -72,7 +72,7 @@ def test_replay_reproduces_measured_allocated_and_reserved(case):
     """Golden: the H100 reference peaks above the weights, within 1% of the NVML peak, after the ~40 MiB
     of cuBLAS workspace and small tensors the replay leaves out."""
     from estimator.families import spec_from_config
-    from estimator.program import simulate
+    from estimator.replay import simulate
     from estimator.terms import Workload
 
     r = _reference(*case)
@@ -86,7 +86,7 @@ def test_replay_reproduces_measured_allocated_and_reserved(case):
 
 def test_replay_follows_the_attention_path():
     from estimator import load_model
-    from estimator.program import simulate
+    from estimator.replay import simulate
     from estimator.terms import Workload
 
     spec = load_model("llama-3.2-1b")
@@ -102,7 +102,7 @@ def test_moe_decode_gathers_expert_weights():
     """generate switches MoE experts to batched_mm for decoding on a GPU: each routed token's expert
     weights are gathered, (batch x top_k) x (2I x H + H x I) bytes at once."""
     from estimator import load_model
-    from estimator.program import simulate
+    from estimator.replay import simulate
     from estimator.terms import Workload
 
     spec = load_model("mixtral-8x7b")
@@ -284,7 +284,7 @@ def test_restored_weights_behave_like_the_loaded_ones():
 def test_symbolic_sizes_hold_where_their_comparisons_do():
     """A decode step is recorded once with the past tokens as a symbol; its comparisons bound the pasts
     the recording serves (``_valid_range``), e.g. a mask that exists once the past reaches a window."""
-    from estimator.program import _Sym, _valid_range
+    from estimator.replay.engine import Sym as _Sym, valid_range as _valid_range
 
     conds: list = []
     past = _Sym(0, 1, 100, conds)
@@ -331,7 +331,7 @@ def test_estimate_max_batch_tries_on_the_way_answers():
 
 
 def _accelerated() -> bool:
-    from estimator.program import accelerated
+    from estimator.replay import accelerated
 
     return accelerated()
 

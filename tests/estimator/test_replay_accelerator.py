@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from estimator import program
+from estimator.replay import runner as program
 from estimator.allocator import CachingAllocator, round_size
 
 

@@ -55,6 +55,14 @@ def test_parameter_count_matches_meta_model(filename):
 
 
 @pytest.mark.parametrize("filename", CONFIGS)
+def test_parameter_tensors_are_the_meta_models_in_order(filename):
+    """``ModelSpec.parameter_tensors``, the load order the replay's allocator starts from, is
+    ``named_parameters()``: every tensor, in registration order."""
+    spec, _, model = _load(filename)
+    assert list(spec.parameter_tensors) == [p.numel() for _, p in model.named_parameters()]
+
+
+@pytest.mark.parametrize("filename", CONFIGS)
 def test_layer_kinds_match_the_dynamic_cache(filename):
     from transformers.cache_utils import get_layer_types_and_kwargs
 

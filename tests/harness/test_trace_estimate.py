@@ -1,6 +1,6 @@
 """The trace engine: an Estimate for any causal LM transformers builds, and `--engine` in the CLI.
 
-References: the replay (``estimator/program.py``), which the trace engine must agree with where both
+References: the replay (``estimator/replay/``), which the trace engine must agree with where both
 apply; the trace's own peak (``harness/trace.py``, within 1% of 71 H100 records) and exact parameter
 and cache sizes computed here from the config on the meta device.
 """
