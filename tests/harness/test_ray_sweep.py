@@ -143,26 +143,14 @@ def test_a_ray_sweep_measures_what_the_serial_sweep_measures(tmp_path, sweep, ma
     serial, on_ray = tmp_path / "serial.jsonl", tmp_path / "ray.jsonl"
     result = vramcal("sweep", sweep, "--out", serial, marker=marker)
     assert result.returncode == 0, result.stderr
-    # a worker crash on one case of the first model: an error record, and its group goes on
-    crash = "qwen-tiny|transformers|cpu|-|bfloat16|-|sdpa|dynamic|generate|1|36|4|"
-    result = vramcal("sweep", sweep, "--out", on_ray, "--ray", marker=marker, env={"VRAMCAL_TEST_CRASH_KEY": crash})
-    assert result.returncode == 1, result.stderr  # a case ended in error
-    assert "on Ray (a local instance, cpu)" in result.stdout and "4 to run" in result.stdout
-    assert "node " in result.stdout and "4 cases (3 ok, 0 oom, 1 error)" in result.stdout
-    got, want = peaks(on_ray), peaks(serial)
-    assert set(got) == set(want) and len(read_records(on_ray)) == 4
-    (crashed,) = [r for r in read_records(on_ray) if r["status"] == "error"]
-    assert case_key(crashed).startswith(crash) and "exited with status 3 during this case" in crashed["error"]
-    assert {k: v for k, v in got.items() if k != case_key(crashed)} == \
-           {k: v for k, v in want.items() if k != case_key(crashed)}
-    # the crashed case again, on Ray: now every case and every measured peak is the serial sweep's
-    result = vramcal("sweep", sweep, "--out", on_ray, "--ray", "--retry-errors", marker=marker)
+    result = vramcal("sweep", sweep, "--out", on_ray, "--ray", marker=marker)
     assert result.returncode == 0, result.stderr
-    assert "1 to run" in result.stdout
-    assert {k: v for k, v in peaks(on_ray).items()} == want  # the last record of each key
+    assert "on Ray (a local instance, cpu)" in result.stdout and "4 to run" in result.stdout
+    assert "4 cases (4 ok, 0 oom, 0 error)" in result.stdout  # the per-node summary: one node here
+    assert len(read_records(on_ray)) == 4 and peaks(on_ray) == peaks(serial)
     before = on_ray.read_bytes()
     result = vramcal("sweep", sweep, "--out", on_ray, "--ray", marker=marker)
-    assert result.returncode == 0 and "0 to run" in result.stdout
+    assert result.returncode == 0 and "4 already in" in result.stdout and "0 to run" in result.stdout
     assert on_ray.read_bytes() == before  # a second run adds nothing
 
 
@@ -201,3 +189,55 @@ def test_bad_ray_address_is_one_line_and_exit_2(tmp_path, sweep, marker):
     result = vramcal("sweep", sweep, "--out", tmp_path / "x.jsonl", "--ray", "not an address", marker=marker)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "is not a Ray address" in result.stderr and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.fixture
+def local_ray(marker):
+    """A local Ray instance in this process (2 CPUs); its workers carry the marker, sleep 1 s per case, and
+    the measuring worker crashes on the case with a 52-token prompt."""
+    import ray
+
+    from harness.ray_sweep import LOCAL_OBJECT_STORE_BYTES
+
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path, MARKER: marker,
+                                                            "VRAMCAL_TEST_DELAY_S": "1",
+                                                            "VRAMCAL_TEST_CRASH_KEY": "|generate|1|52|4|"}})
+    yield ray
+    ray.shutdown()
+
+
+@needs_ray
+def test_a_cluster_without_the_resources_is_refused_before_anything_runs(local_ray):
+    from harness.ray_sweep import check_resources
+
+    assert check_resources("cpu", None) == {"num_cpus": 1, "num_gpus": 0}
+    with pytest.raises(UserError, match="the Ray cluster has no GPU"):
+        check_resources("cuda", "H100")
+
+
+@needs_ray
+def test_a_dead_ray_task_or_worker_is_an_error_record_and_the_group_goes_on(tmp_path, sweep, marker, local_ray):
+    from harness.ray_sweep import _drive
+    from harness.sweep import expand, load_sweep, order
+
+    cases = [c for c in order(expand(load_sweep(sweep))[0]) if c.model == "qwen-tiny"]
+    cases += [Case.make(cases[0].source, device="cpu", context=n, new_tokens=4) for n in (56, 72)]  # one group
+    out, started, recorded = tmp_path / "ray.jsonl", [], []
+
+    def on_start(case):
+        started.append(case)
+        if len(started) == 2:  # mid-case (the worker sleeps 1 s first): kill the Ray worker running the task
+            (worker,) = [p for p in marked_pids(marker) if b"harness.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            ray_worker = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            os.kill(ray_worker, signal.SIGKILL)
+
+    nodes = _drive(cases, out, seed=0, request={"num_cpus": 1, "num_gpus": 0}, on_start=on_start,
+                   on_record=lambda case, rec: recorded.append(case), verbose=False)
+    records = read_records(out)
+    assert [case_key(r) for r in records] == [c.key() for c in cases]  # each once, in order
+    assert [r["status"] for r in records] == ["ok", "error", "error", "ok"]
+    assert "the Ray task on" in records[1]["error"] and "died during this case" in records[1]["error"]
+    assert "the measuring process exited with status 3 during this case" in records[2]["error"]
+    assert recorded == cases and [sum(c.values()) for c in nodes.values()] == [4]
