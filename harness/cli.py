@@ -55,6 +55,10 @@ def register(subparsers) -> None:
     s.add_argument("--limit", type=int, default=None, metavar="N", help="measure at most N cases")
     s.add_argument("--retry-errors", action="store_true",
                    help="measure again cases whose only records have status error")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the process groups as Ray tasks (one GPU each; CPU sweeps: one CPU): no ADDRESS "
+                        "starts a local Ray instance, else join a cluster (auto, ray://HOST:10001); needs the "
+                        "ray extra")
     s.add_argument("-v", "--verbose", action="store_true", help="show the workers' output")
     s.set_defaults(func=_sweep)
 
@@ -110,4 +114,4 @@ def _sweep(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be >= 0, not {args.limit}")
     sys.stdout.flush()
     return run_sweep(args.sweep_file, out=args.out, device=args.device, dry_run=args.dry_run, limit=args.limit,
-                     retry_errors=args.retry_errors, verbose=args.verbose)
+                     retry_errors=args.retry_errors, verbose=args.verbose, ray=args.ray)

@@ -150,6 +150,17 @@ def check_cases(cases: Sequence[Case], echo_stderr: bool = False) -> None:
         raise UserError(f"the worker checking the models {_describe_exit(code)}: {worker.last_error_line()}")
 
 
+def process_groups(cases: Sequence[Case]) -> list[list[Case]]:
+    """Consecutive cases of the same process group, one list per worker."""
+    groups: list[list[Case]] = []
+    for case in cases:
+        if groups and groups[-1][0].process_group() == case.process_group():
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    return groups
+
+
 def run_cases(
     cases: Sequence[Case],
     out: Path,
@@ -168,31 +179,43 @@ def run_cases(
     finds, before it measures, a model that cannot be built (`check_cases`, in the same process).
     """
     records: list[dict] = []
-    groups: list[list[Case]] = []
-    for case in cases:
-        if groups and groups[-1][0].process_group() == case.process_group():
-            groups[-1].append(case)
-        else:
-            groups.append([case])
     check = "first" if check_first else None
-    for group in groups:
-        remaining = list(group)
-        fruitless = 0
-        while remaining:
-            progressed = _run_worker(remaining, out, gpu_name=gpu_name, seed=seed, records=records,
-                                     on_start=on_start, on_record=on_record, echo_stderr=echo_stderr,
-                                     check=check)
-            check = None
-            fruitless = 0 if progressed else fruitless + 1
-            if fruitless >= 2:
-                raise UserError(f"the measuring worker for {group[0].model} keeps dying before measuring "
-                                "anything; run with --verbose to see its output")
+    for group in process_groups(cases):
+        for event, case, rec in group_events(group, gpu_name=gpu_name, seed=seed, echo_stderr=echo_stderr,
+                                             check=check):
+            if event == "start" and on_start:
+                on_start(case)
+            elif event == "record":
+                append_record(out, rec)
+                records.append(rec)
+                if on_record:
+                    on_record(case, rec)
+        check = None
     return records
 
 
-def _run_worker(remaining: list[Case], out: Path, *, gpu_name, seed, records, on_start, on_record,
-                echo_stderr, check=None) -> bool:
-    """One worker over `remaining` (consumed in place). True if at least one record was written."""
+def group_events(group: Sequence[Case], *, gpu_name: str | None, seed: int = 0, echo_stderr: bool = False,
+                 check: str | None = None, any_gpu: bool = False):
+    """Measure one process group, a fresh worker after each one that dies; yields ("hello", None, env),
+    ("start", case, None) and ("record", case, rec), the record not yet written (the caller writes it).
+
+    `any_gpu`: accept the GPU the worker finds (a Ray task's), and key the cases by its name; else a
+    cuda worker must measure on `gpu_name`."""
+    remaining = list(group)
+    fruitless = 0
+    while remaining:
+        progressed = yield from _worker_events(remaining, gpu_name=gpu_name, seed=seed, echo_stderr=echo_stderr,
+                                               check=check, any_gpu=any_gpu)
+        check = None
+        fruitless = 0 if progressed else fruitless + 1
+        if fruitless >= 2:
+            raise UserError(f"the measuring worker for {group[0].model} keeps dying before measuring "
+                            "anything; run with --verbose to see its output")
+
+
+def _worker_events(remaining: list[Case], *, gpu_name, seed, echo_stderr, check=None, any_gpu=False):
+    """One worker over `remaining` (consumed in place, after each record is yielded). Returns True if at
+    least one record was yielded."""
     device = remaining[0].device
     by_key = {c.key(gpu_name): c for c in remaining}
     worker = Worker(remaining, device, seed, echo_stderr=echo_stderr, check=check)
@@ -208,24 +231,24 @@ def _run_worker(remaining: list[Case], out: Path, *, gpu_name, seed, records, on
                 raise _invalid(message)
             if event == "hello":
                 env = message["env"]
-                if device == "cuda" and env.get("gpu_name") != gpu_name:
+                if any_gpu:
+                    by_key = {c.key(env.get("gpu_name")): c for c in remaining}
+                elif device == "cuda" and env.get("gpu_name") != gpu_name:
                     raise UserError(f"the worker measures on {env.get('gpu_name')!r}, not {gpu_name!r}; "
                                     "set CUDA_VISIBLE_DEVICES to one GPU")
+                yield "hello", None, env
             elif event == "start":
                 in_flight = by_key.get(message.get("key"))
-                if in_flight is not None and on_start:
-                    on_start(in_flight)
+                if in_flight is not None:
+                    yield "start", in_flight, None
             elif event == "record":
                 rec = message["record"]
                 case = by_key.get(case_key(rec))
                 if case is None:
                     raise UserError(f"the worker returned a record for a case it was not given: {case_key(rec)}")
-                append_record(out, rec)
-                records.append(rec)
+                yield "record", case, rec
                 remaining.remove(case)
                 in_flight, progressed = None, True
-                if on_record:
-                    on_record(case, rec)
             elif event == "done":
                 break
     except BaseException:
@@ -239,14 +262,17 @@ def _run_worker(remaining: list[Case], out: Path, *, gpu_name, seed, records, on
                         f"{worker.last_error_line()}")
     if in_flight is None:  # died between cases: the next worker takes them all
         return progressed
+    rec = crash_record(in_flight, env, seed, f"the measuring process {_describe_exit(code)} during this case "
+                                              f"(last output: {worker.last_error_line()})")
+    yield "record", in_flight, rec
+    remaining.remove(in_flight)
+    return True
+
+
+def crash_record(case: Case, env: dict, seed: int, error: str) -> dict:
+    """The error record of a case whose measuring process died (`env`: the worker's hello)."""
     from harness.worker import base_record
 
-    rec = base_record(in_flight, env, seed=seed, config=in_flight.read_config())
-    rec["error"] = (f"the measuring process {_describe_exit(code)} during this case "
-                    f"(last output: {worker.last_error_line()})")
-    append_record(out, rec)
-    records.append(rec)
-    remaining.remove(in_flight)
-    if on_record:
-        on_record(in_flight, rec)
-    return True
+    rec = base_record(case, env, seed=seed, config=case.read_config())
+    rec["error"] = error
+    return rec

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,8 +364,14 @@ def check_sweep_positions(sweep: Sweep, cases: list[Case]) -> list[str]:
 
 
 def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_errors=False,
-              verbose=False) -> int:
+              verbose=False, ray: str | None = None) -> int:
+    """Check, plan and measure a sweep; `ray`: a Ray address ("local" for a new local instance) to run
+    its process groups as Ray tasks (`harness.ray_sweep`) instead of one after another here."""
     require_extra("jsonschema", "harness")  # the records are validated as read and as written
+    if ray is not None:
+        from harness import ray_sweep
+
+        ray_sweep.check_ray(ray)  # the ray extra and the address, before anything else
     sweep = load_sweep(path)
     device = device or sweep.device
     out_path = check_output_file(out or sweep.out or f"results/{sweep.name}.jsonl",
@@ -373,7 +380,12 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
     for note in check_sweep_positions(sweep, cases):
         print(f"vramcal: note: {note}", file=sys.stderr)
     records = existing_records(out_path)
-    gpu_name, memory_bytes = gpu_of_this_machine(device, dry_run, records)
+    pin = None
+    if ray is None:
+        gpu_name, memory_bytes = gpu_of_this_machine(device, dry_run, records)
+    else:  # each task's worker reports the GPU of its node; the driver needs none
+        gpu_name, memory_bytes = None, None
+        pin = ray_sweep.pinned_type(sweep.gpu, device)
     if memory_bytes is None and device == "cuda" and sweep.gpu:
         from estimator.gpus import find_gpu
 
@@ -381,7 +393,8 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
     if device == "cpu":
         memory_bytes = sweep.memory_limit_bytes
     done = measured_keys(records, retry_errors)
-    pending = [case for case in order(cases) if case.key(gpu_name) not in done]
+    is_done = ray_sweep.done_rule(done, records, pin) if ray is not None else (lambda c: c.key(gpu_name) in done)
+    pending = [case for case in order(cases) if not is_done(case)]
     already = len(cases) - len(pending)
     if pending and not dry_run:
         require_extra("tqdm", "harness")
@@ -404,6 +417,8 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
     if limit is not None:
         to_run = to_run[:limit]
     where = f"on {gpu_name}" if gpu_name else f"on {device}"
+    if ray is not None:
+        where = f"on Ray ({'a local instance' if ray == 'local' else ray}, {pin or device})"
     print(f"sweep {sweep.name} {where}: {len(cases)} cases, {already} already in {out_path}, {skipped} skipped "
           f"by the estimate, {left_out} impossible combinations left out, {len(to_run)} to run")
     if dry_run:
@@ -417,17 +432,25 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
     from harness.runner import run_cases
 
     counts = {"ok": 0, "oom": 0, "error": 0}
+    started = time.perf_counter()
     with tqdm(total=len(to_run), unit="case", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
         def on_start(case):
-            bar.set_postfix_str(case.label()[:60], refresh=True)
+            bar.set_postfix_str(f"{counts['ok']} ok {counts['oom']} oom {counts['error']} error | "
+                                f"{case.label()[:50]}", refresh=True)
 
         def on_record(case, rec):
             counts[rec["status"]] += 1
             bar.write(summary_line(case, rec, estimates.get(case)), file=sys.stdout)
             bar.update(1)
 
-        run_cases(to_run, out_path, gpu_name=gpu_name, seed=sweep.seed, on_start=on_start,
-                  on_record=on_record, echo_stderr=verbose)
+        if ray is None:
+            run_cases(to_run, out_path, gpu_name=gpu_name, seed=sweep.seed, on_start=on_start,
+                      on_record=on_record, echo_stderr=verbose)
+        else:
+            nodes = ray_sweep.run_on_ray(to_run, out_path, address=ray, seed=sweep.seed, pin=pin,
+                                         on_start=on_start, on_record=on_record, verbose=verbose)
     print(f"sweep {sweep.name}: {sum(counts.values())} measured ({counts['ok']} ok, {counts['oom']} oom, "
           f"{counts['error']} error) -> {out_path}")
+    if ray is not None:
+        ray_sweep.print_node_summary(nodes, time.perf_counter() - started)
     return 1 if counts["error"] else 0
