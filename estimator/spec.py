@@ -112,6 +112,9 @@ class ModelSpec:
     config_dtype: str | None = None  # the config's dtype / torch_dtype, canonical ("bfloat16"), if known
     # The fraction of head_dim that rotary embeddings rotate (rope_parameters / partial_rotary_factor).
     partial_rotary_factor: float = 1.0
+    # Parameters of each decoder layer (``model.layers.<i>``), exact; what accelerate's device_map places
+    # as one block (estimator/placement.py). Empty for a spec not built by estimator/families.py.
+    layer_params: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "other_params", MappingProxyType(dict(self.other_params)))
