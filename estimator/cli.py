@@ -125,6 +125,7 @@ def _coefficients(args):
 
 
 def register(sub) -> None:
+    from estimator import multigpu_cli
     from estimator.engines import add_engine_arg
 
     p = sub.add_parser("estimate", help="estimate peak VRAM of one job, with a verdict per GPU",
@@ -135,22 +136,25 @@ def register(sub) -> None:
     from estimator import vllm_cli
 
     vllm_cli.add_args(p)
+    multigpu_cli.add_args(p)
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("max-context", help="largest context that fits a GPU",
                        description="Largest context (prompt + new tokens) whose estimate fits the GPU.")
     add_workload_args(p, with_context=False)
     add_engine_arg(p)
-    p.add_argument("--gpu", required=True, help="GPU name, e.g. H100, L4, RTX 4090")
+    p.add_argument("--gpu", default=None, help="GPU name, e.g. H100, L4, RTX 4090 (or --gpus)")
     p.add_argument("--point", action="store_true", help="use the point estimate instead of the interval's high end")
+    multigpu_cli.add_args(p)
     p.set_defaults(func=cmd_max_context)
 
     p = sub.add_parser("max-batch", help="largest batch that fits a GPU at a context",
                        description="Largest batch whose estimate at --context fits the GPU.")
     add_workload_args(p, context_required=True, with_batch=False)
     add_engine_arg(p)
-    p.add_argument("--gpu", required=True, help="GPU name, e.g. H100, L4, RTX 4090")
+    p.add_argument("--gpu", default=None, help="GPU name, e.g. H100, L4, RTX 4090 (or --gpus)")
     p.add_argument("--point", action="store_true", help="use the point estimate instead of the interval's high end")
+    multigpu_cli.add_args(p)
     p.set_defaults(func=cmd_max_batch)
 
     p = sub.add_parser("models", help="list the model catalogue", description="List the catalogue models.")
@@ -217,11 +221,13 @@ def _note_lines(notes) -> list[str]:
 
 
 def cmd_estimate(args) -> int:
-    from estimator import engines, vllm_cli
+    from estimator import engines, multigpu_cli, vllm_cli
 
     if args.framework == "vllm":
         return vllm_cli.cmd(args)
     vllm_cli.refuse_unless_vllm(args)
+    if multigpu_cli.check_args(args):
+        return multigpu_cli.cmd_estimate(args)
     from estimator.gpus import find_gpu, table_gpus
 
     first = find_gpu(args.gpu) if args.gpu is not None else None
@@ -270,6 +276,8 @@ def _search_setup(args):
     from estimator.engines import resolve_model
     from estimator.gpus import find_gpu
 
+    if args.gpu is None:
+        raise UserError("give --gpu NAME (e.g. --gpu H100), or --gpus LIST for several GPUs")
     gpu = find_gpu(args.gpu)
     if not hasattr(args, "context"):
         args.context = max((args.new_tokens or 0) + 1, 1) if args.workload == "generate" else 1
@@ -283,8 +291,11 @@ def _search_setup(args):
 
 
 def cmd_max_context(args) -> int:
+    from estimator import multigpu_cli
     from estimator.engines import engine_line, max_context
 
+    if multigpu_cli.check_args(args):
+        return multigpu_cli.cmd_max_context(args)
     spec, gpu, workload = _search_setup(args)
     result = max_context(spec, workload, gpu.name, _coefficients(args), safe=not args.point)
     result.update(model=spec.name, gpu=gpu.name, batch=args.batch, basis="point" if args.point else "high")
@@ -302,8 +313,11 @@ def cmd_max_context(args) -> int:
 
 
 def cmd_max_batch(args) -> int:
+    from estimator import multigpu_cli
     from estimator.engines import engine_line, max_batch
 
+    if multigpu_cli.check_args(args):
+        return multigpu_cli.cmd_max_batch(args)
     spec, gpu, workload = _search_setup(args)
     result = max_batch(spec, workload, gpu.name, _coefficients(args), safe=not args.point)
     result.update(model=spec.name, gpu=gpu.name, context=args.context, basis="point" if args.point else "high")

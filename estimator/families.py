@@ -42,6 +42,16 @@ class _Parts:
         self.layers: list[LayerSpec] = []
         self.tensors: list[int] = []
         self.front: list[int] = []  # created before the decoder layers, after the token embedding (wpe)
+        self.layer_params: list[int] = []  # parameters of each decoder layer, exact (for device_map placement)
+        self._counted = 0
+
+    def add_layer(self, layer: LayerSpec) -> None:
+        """Close one decoder layer: every parameter added since the previous one belongs to it."""
+        total = sum(i * o * n + (o * n if b else 0) for (_, i, o, b, _), n in self.linears.items())
+        total += sum(self.other.values())
+        self.layer_params.append(total - self._counted)
+        self._counted = total
+        self.layers.append(layer)
 
     def linear(self, role: str, in_f: int, out_f: int, count: int = 1, bias: bool = False,
                quantizable: bool = True, fused: bool = False, tensors: bool = True) -> None:
@@ -245,7 +255,7 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
             mlp = _dense_mlp(cfg, p, hidden, mlp_bias, width=cfg.need(dec.dense_width_key, "the MLP width"),
                              fused=dec.fused_gate_up)
         p.param("norm", hidden, dec.norms_per_layer)
-        p.layers.append(LayerSpec(attention, mlp))
+        p.add_layer(LayerSpec(attention, mlp))
 
     rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
     copies = len(set(types)) if dec.rotary_per_layer_type else 1
@@ -327,6 +337,7 @@ def _finish(cfg: Config, p: _Parts, model_type: str, vocab: int, hidden: int, bu
         max_position_embeddings=max_positions or cfg.get("max_position_embeddings"), config=cfg.data,
         buffer_elems=buffers, partial_rotary_factor=cfg.get("partial_rotary_factor", 1.0),
         parameter_tensors=tuple(p.tensors),
+        layer_params=tuple(p.layer_params),
     )
 
 
@@ -379,7 +390,7 @@ def _deepseek(cfg: Config, model_type: str) -> ModelSpec:
             mlp = MLPSpec("moe", width, True, experts, cfg.need("num_experts_per_tok", "the experts used per token"),
                           shared)
         p.param("norm", hidden, 2)  # input_layernorm, post_attention_layernorm (registered after the mlp)
-        p.layers.append(LayerSpec(mla, mlp))
+        p.add_layer(LayerSpec(mla, mlp))
     buffers = 2 * (rope // 2)
     if model_type == "deepseek_v3":  # router e_score_correction_bias, one per expert
         buffers += n_moe * cfg.need("n_routed_experts", "the expert count")
@@ -409,7 +420,7 @@ def _gpt2(cfg: Config, model_type: str) -> ModelSpec:
         p.param("norm", hidden, 2)  # ln_2
         p.linear("mlp", hidden, inner, bias=True)  # c_fc
         p.linear("mlp", inner, hidden, bias=True)  # mlp.c_proj
-        p.layers.append(LayerSpec(attention, mlp))
+        p.add_layer(LayerSpec(attention, mlp))
     p.other["other"] += positions * hidden
     p.front.append(positions * hidden)  # wpe, right after wte
     p.param("norm", hidden)  # ln_f bias (its weight is counted by _finish)

@@ -116,6 +116,9 @@ class ModelSpec:
     # Every parameter tensor's elements in the order the modeling code registers them, summing to
     # num_parameters (estimator/families.py): the load order the replay's allocator starts from.
     parameter_tensors: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    # Parameters of each decoder layer (``model.layers.<i>``), exact; what accelerate's device_map places
+    # as one block (estimator/placement.py). Empty for a spec not built by estimator/families.py.
+    layer_params: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "other_params", MappingProxyType(dict(self.other_params)))
