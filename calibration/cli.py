@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     c.add_argument("--framework", default="transformers", help="framework whose records to fit (default: transformers)")
     c.add_argument("--gpu", default=None, metavar="NAME",
                    help="GPU whose records to fit, e.g. H100 (default: the records' GPU when there is only one)")
+    c.add_argument("--alloc-conf", default=None, metavar="STR",
+                   help="PYTORCH_CUDA_ALLOC_CONF whose records to fit ('' for torch's defaults; default: the "
+                        "records' setting when there is only one); the file states it")
     c.add_argument("--out", required=True, metavar="FILE.json", help="coefficients file to write, e.g. "
                                                                       "results/coefficients/transformers-h100.json")
     c.add_argument("--no-cv", action="store_true", help="skip the leave-one-model-out figures (faster)")
@@ -48,6 +51,30 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def _one_alloc_conf(data, left_out: dict, wanted):
+    """The records of one allocator setting (``wanted``, else the only one there is): coefficients are fitted,
+    and say they were, under one ``PYTORCH_CUDA_ALLOC_CONF`` (``Coefficients.alloc_conf``). Others are left
+    out and counted."""
+    from estimator.alloc_conf import describe, parse_alloc_conf
+    from estimator.errors import UserError
+
+    if data.empty:
+        return data, left_out, "" if wanted is None else wanted.text
+    confs = (data["alloc_conf"] if "alloc_conf" in data else data["model"].map(lambda _: "")).fillna("")
+    settings = confs.map(lambda t: parse_alloc_conf(t).memory_settings())
+    if wanted is None:
+        distinct = sorted({describe(parse_alloc_conf(t)) for t in confs})
+        if len(set(settings)) > 1:
+            raise UserError(f"records under several allocator settings ({', '.join(distinct)}): choose one with "
+                            "--alloc-conf ('' for torch's defaults)")
+        wanted = parse_alloc_conf(confs.iloc[0])
+    keep = settings == wanted.memory_settings()
+    left_out = dict(left_out)
+    for text, n in confs[~keep].map(lambda t: describe(parse_alloc_conf(t))).value_counts().items():
+        left_out[f"alloc_conf {text}"] = int(n)
+    return data[keep], left_out, "" if wanted.is_default else wanted.text
 
 
 def _require(report: bool = False) -> None:
@@ -106,6 +133,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
         return calibrate_cli(args)
     gpu = find_gpu(args.gpu).name if args.gpu else None
+    from estimator.alloc_conf import parse_alloc_conf
+
+    wanted = None if args.alloc_conf is None else parse_alloc_conf(args.alloc_conf)  # checked before any work
     _require()
     from calibration.data import usable
     from calibration.fit import SeedFormula, StructuredModel
@@ -119,6 +149,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise UserError(f"records of several GPUs ({', '.join(gpus)}): choose one with --gpu")
         gpu = gpus[0] if gpus else None
     data, left_out = usable(df, args.framework, gpu)
+    data, left_out, alloc_conf = _one_alloc_conf(data, left_out, wanted)
     if data.empty:
         if _cpu_left_out(left_out):
             raise UserError(f"no GPU records to fit in {', '.join(args.records)}: {_cpu_left_out(left_out)} "
@@ -140,7 +171,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         slo, _ = lomo(data, SeedFormula, desc="seed formula, leave-one-model-out")
         figures["seed_formula"] = _rounded(summary(slo["lomo_error"]))
         residuals["leave_one_model_out"] = figures["summary"]
-    framework_gpu = f"{args.framework} on {gpu}"
+    framework_gpu = f"{args.framework} on {gpu}" + (f" under {alloc_conf}" if alloc_conf else "")
     provenance = {
         "description": f"fitted by `vramcal calibrate` on {len(data)} {framework_gpu} records",
         "sources": sources,
@@ -159,7 +190,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                          "in_sample": residuals["seed_formula_in_sample"],
                          "leave_one_model_out": figures.get("seed_formula")},
     }
-    coef = model.coefficients(framework=args.framework, gpu=gpu, source=str(args.out), provenance=provenance)
+    coef = model.coefficients(framework=args.framework, gpu=gpu, source=str(args.out), provenance=provenance,
+                              alloc_conf=alloc_conf)
     data_out = coef.to_json()
     data_out["interval"] = _rounded(interval_entry(model.interval_, figures.get("summary")))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ def predict_with(coefficients_for, df):
     import pandas as pd
 
     from calibration.data import features_of
-    from estimator.estimate import predict_parts
+    from estimator.estimate import bounds, predict_parts
 
     total, low, high, alloc, reserved, overhead, sources = [], [], [], [], [], [], []
     for _, row in df.iterrows():
@@ -107,8 +107,10 @@ def predict_with(coefficients_for, df):
         buffers = row["buffers_bytes"]
         t = round(parts["total"] + buffers)
         total.append(t)
-        low.append(round(t * (1 + coef.interval["low"])))
-        high.append(round(t * (1 + coef.interval["high"])))
+        # the shipped interval: widened where the record's allocator settings are not the coefficients'
+        lo, hi = bounds(t, coef, None, row.get("alloc_conf") or "")
+        low.append(lo)
+        high.append(hi)
         alloc.append(parts["allocated"] + buffers)
         reserved.append(parts["reserved"] + buffers)
         overhead.append(parts["overhead"] + buffers)

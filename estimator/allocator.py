@@ -5,7 +5,7 @@ Fragmentation is not noise: with the default settings the allocator never return
 driver during a run, rounds every request, splits large blocks only when the rest exceeds 1 MiB, and
 serves a request from the smallest free block that fits. The same sequence of requests therefore always
 ends with the same reserved bytes. Replaying the sequence a transformers forward makes
-(``estimator/program.py``) reproduces the reserve of the reference H100 runs within about 1% in most
+(``estimator/replay/``) reproduces the reserve of the reference H100 runs within about 1% in most
 cases, where a fraction of the activations misses by 20-100%.
 
 Constants and rules from ``c10/cuda/CUDACachingAllocator.cpp`` (torch 2.4-2.11, default
@@ -303,3 +303,142 @@ class CachingAllocator:
             pool.sort()
         a.reset_peak()
         return a
+
+
+# ---- non-default PYTORCH_CUDA_ALLOC_CONF (estimator/alloc_conf.py) ------------------------------------
+# Only the Python models follow these settings: ``estimator/_replay.c`` is the default allocator, and
+# ``program.simulate`` runs these classes instead of it whenever a setting changes device memory.
+
+
+class _PlainRun:
+    """``run`` as plain ``malloc``/``free`` calls (the default allocator inlines them; these classes do not),
+    and ``peak_needed``: the most bytes held by segments with a live block, seen whenever the reserve grows.
+
+    The model has no memory limit, but torch has one: when ``cudaMalloc`` fails, ``malloc`` frees cached
+    blocks (``release_available_cached_blocks``: oversize ones first, then ``release_cached_blocks``: every
+    wholly free segment, or the free pages of expandable segments) and retries. Under ``max_split_size_mb``
+    the cached oversize blocks can grow without bound (a request just below the limit never reuses a
+    segment at or above it), so ``peak_reserved`` with unlimited memory says nothing about what a GPU needs;
+    ``peak_needed`` is the reserve without what such a retry frees (an approximation: after a real release
+    the blocks fall differently). ``_releasable`` is what ``release_cached_blocks`` would free.
+
+    ``reports_needed``: only under ``max_split_size_mb`` does the estimate count ``peak_needed`` instead of
+    ``peak_reserved``; otherwise the cache kept is bounded fragmentation, which a GPU with ample memory
+    shows (as with the default allocator, whose calibrated reserve is ``peak_reserved``)."""
+
+    peak_needed = 0
+
+    @property
+    def reports_needed(self) -> bool:
+        return self.conf.max_split_size_bytes is not None
+
+    def _releasable(self) -> int:
+        return sum(b.size for b in self._free.values() if b.prev is None and b.next is None)
+
+    def _grown(self, releasable: int) -> None:
+        """After the reserve grew: note the reserve less what was free to release before it grew."""
+        needed = self.reserved - releasable
+        if needed > self.peak_needed:
+            self.peak_needed = needed
+
+    def reset_peak(self) -> None:
+        super().reset_peak()
+        self.peak_needed = self.reserved - self._releasable()
+
+    def run(self, ops: list, loc: list, start: int = 0, x: int = 0) -> int:
+        n = len(ops)
+        i = start
+        while i < n:
+            slot, nbytes = ops[i]
+            if slot < 0:
+                break
+            i += 1
+            if nbytes.__class__ is tuple:
+                nbytes = -(-(nbytes[0] + nbytes[1] * x) // MIN_BLOCK) * MIN_BLOCK
+            if nbytes:
+                loc[slot] = self.malloc(nbytes)
+            elif loc[slot] is not None:
+                self.free(loc[slot])
+        return i
+
+
+class ConfiguredAllocator(_PlainRun, CachingAllocator):
+    """The default allocator under ``max_split_size_mb`` / ``max_non_split_rounding_mb`` /
+    ``roundup_power2_divisions`` (``conf``, set per class by ``allocator_class``). From
+    ``CUDACachingAllocator.cpp``:
+
+    - ``round_size``: ``AllocConf.round_size`` (the power-of-two divisions); applied to sizes the program already
+      rounded to 512 bytes, which gives the same bytes (a division step is a power of two >= 512);
+    - ``get_free_block``: the best-fit block is refused (a new segment instead) when the request is under
+      ``max_split_size`` and the block is not, or the request is at least ``max_split_size`` and the block
+      exceeds it by ``max_non_split_rounding_size`` or more; the next larger block is not tried;
+    - ``should_split`` (large pool): only a request under ``max_split_size``, with more than 1 MiB left over.
+
+    Segments are never released: ``release_available_cached_blocks`` runs only when ``cudaMalloc`` fails, and
+    the model has no memory limit (it answers how much memory a run takes)."""
+
+    conf = None  # an ``AllocConf``; ``allocator_class`` makes one subclass per setting
+
+    def _segment(self, size: int, small: bool) -> _Block:
+        releasable = self._releasable()
+        block = super()._segment(size, small)
+        self._grown(releasable)
+        return block
+
+    def malloc(self, nbytes: int) -> _Block | None:
+        if nbytes <= 0:
+            return None
+        conf = self.conf
+        size = conf.round_size(nbytes)
+        small = size <= SMALL_SIZE
+        pool = self._pools[small]
+        limit = conf.max_split_size_bytes
+        block = None
+        i = bisect_left(pool, size << _SHIFT)
+        if i < len(pool):
+            found = pool[i] >> _SHIFT
+            oversize = limit is not None and (
+                (size < limit and found >= limit) or (size >= limit and found >= size + conf.max_non_split_rounding_bytes))
+            if not oversize:
+                block = self._free.pop(pool.pop(i) & _ADDRESS)
+        if block is None:
+            block = self._segment(size, small)
+        rest = block.size - size
+        if small:
+            split = rest >= MIN_BLOCK
+        else:
+            split = (limit is None or size < limit) and rest > SMALL_SIZE
+        if split:
+            tail = _Block(block.ptr + size, rest, small)
+            nxt = block.next
+            tail.prev, tail.next = block, nxt
+            if nxt is not None:
+                nxt.prev = tail
+            block.next = tail
+            block.size = size
+            insort(pool, rest << _SHIFT | tail.ptr)
+            self._free[tail.ptr] = tail
+        block.free = False
+        self.allocated += block.size
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+        return block
+
+
+_CLASSES: dict = {}
+
+
+def allocator_class(conf) -> type:
+    """The allocator model for an ``AllocConf`` (None or the defaults: ``CachingAllocator``, which
+    ``estimator/_replay.c`` mirrors); one class per setting, made once."""
+    if conf is None or conf.is_default:
+        return CachingAllocator
+    key = conf.memory_settings()
+    cls = _CLASSES.get(key)
+    if cls is None:
+        if conf.expandable_segments:
+            from estimator.expandable import ExpandableAllocator as base
+        else:
+            base = ConfiguredAllocator
+        cls = _CLASSES[key] = type(base.__name__, (base,), {"conf": conf})
+    return cls

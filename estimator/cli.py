@@ -64,6 +64,9 @@ def add_workload_args(p: argparse.ArgumentParser, context_required: bool = False
     p.add_argument("--max-cache-len", type=positive_int, default=None,
                    help="static cache: tokens pre-allocated per sequence (default: --context)")
     p.add_argument("--framework", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--alloc-conf", default=None, metavar="STR",
+                   help="the PYTORCH_CUDA_ALLOC_CONF the run uses, e.g. expandable_segments:True (default: the "
+                        "environment's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF; '' for torch's defaults)")
     p.add_argument("--coefficients", default=None, metavar="FILE",
                    help="coefficients file (default: the one for --framework and --gpu under results/coefficients)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -111,7 +114,21 @@ def workload_from_args(args, spec=None) -> "Workload":
     return Workload(context=args.context, batch=args.batch, new_tokens=new_tokens_from_args(args),
                     workload=args.workload, dtype=args.dtype, quant=quant_from_args(args, spec), kv_dtype=args.kv_dtype,
                     attn=args.attn, cache=args.cache, framework=args.framework,
-                    max_cache_len=args.max_cache_len)
+                    max_cache_len=args.max_cache_len, alloc_conf=alloc_conf_from_args(args))
+
+
+def alloc_conf_from_args(args) -> str:
+    """--alloc-conf, else the environment's setting, parsed strictly (estimator/alloc_conf.py)."""
+    from estimator.alloc_conf import env_alloc_conf, parse_alloc_conf
+
+    given = getattr(args, "alloc_conf", None)
+    text = env_alloc_conf() if given is None else given
+    try:
+        return parse_alloc_conf(text).text
+    except UserError as exc:
+        if given is None:  # say where it came from, and how to get past it
+            raise UserError(f"{exc} (from the environment; --alloc-conf '' estimates torch's defaults)") from None
+        raise
 
 
 def _coefficients(args):
@@ -203,9 +220,10 @@ def _describe(est, spec=None) -> list[str]:
         head += "\n  counted: " + " + ".join(f"{k.replace('_', ' ')} {_count(v)}" for k, v in parts.items())
     if w.workload == "generate":
         job = (f"generate: context {w.context:,} ({w.prompt_tokens:,} prompt + {w.new_tokens:,} new) x batch {w.batch},"
-               f" {w.cache} cache, KV {w.kv_dtype or w.dtype}")
+               f" {w.cache} cache, KV {w.kv_dtype or w.dtype}, allocator {w.alloc_conf or 'default'}")
     else:
-        job = f"forward: {w.context:,} tokens x batch {w.batch}, logits at every position"
+        job = (f"forward: {w.context:,} tokens x batch {w.batch}, logits at every position, "
+               f"allocator {w.alloc_conf or 'default'}")
     return [head, job]
 
 
@@ -298,7 +316,7 @@ def cmd_max_context(args) -> int:
         return multigpu_cli.cmd_max_context(args)
     spec, gpu, workload = _search_setup(args)
     result = max_context(spec, workload, gpu.name, _coefficients(args), safe=not args.point)
-    result.update(model=spec.name, gpu=gpu.name, batch=args.batch, basis="point" if args.point else "high")
+    result.update(alloc_conf=workload.alloc_conf, model=spec.name, gpu=gpu.name, batch=args.batch, basis="point" if args.point else "high")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -320,7 +338,7 @@ def cmd_max_batch(args) -> int:
         return multigpu_cli.cmd_max_batch(args)
     spec, gpu, workload = _search_setup(args)
     result = max_batch(spec, workload, gpu.name, _coefficients(args), safe=not args.point)
-    result.update(model=spec.name, gpu=gpu.name, context=args.context, basis="point" if args.point else "high")
+    result.update(alloc_conf=workload.alloc_conf, model=spec.name, gpu=gpu.name, context=args.context, basis="point" if args.point else "high")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -3,7 +3,7 @@
 A file (``results/coefficients/<framework>-<gpu>.json``, schema ``vramcal.coefficients/1``)::
 
     {"schema": "vramcal.coefficients/1", "framework": "transformers", "gpu": "H100 80GB",
-     "calibrated": true,
+     "calibrated": true, "alloc_conf": "",      # PYTORCH_CUDA_ALLOC_CONF of the fitted records
      "coefficients": {"kv_factor": 1.02, "act_mlp": 3.0, ..., "overhead_bytes": 7.3e8, ...},
      "by_attn": {"eager": {"overhead_fraction": 0.4}},      # optional overrides per attention path
      "interval": {"low": -0.03, "high": 0.04, "coverage": 0.9},   # relative to the point estimate
@@ -59,6 +59,8 @@ class Coefficients:
     calibrated: bool = False
     source: str = "built-in first-principles defaults (uncalibrated)"
     by_attn: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # the PYTORCH_CUDA_ALLOC_CONF of the records they were fitted on ("": torch's defaults)
+    alloc_conf: str = ""
     provenance: Mapping = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -84,6 +86,7 @@ class Coefficients:
             "framework": self.framework,
             "gpu": self.gpu,
             "calibrated": self.calibrated,
+            "alloc_conf": self.alloc_conf,
             "coefficients": dict(self.values),
             "by_attn": {k: dict(v) for k, v in self.by_attn.items()},
             "interval": dict(self.interval),
@@ -113,10 +116,21 @@ def load_coefficients(path: str | Path) -> Coefficients:
             calibrated=bool(data.get("calibrated", False)),
             source=_display_path(path),
             by_attn=data.get("by_attn") or {},
+            alloc_conf=_alloc_conf_of(data.get("alloc_conf"), path),
             provenance=data.get("provenance") or {},
         )
     except KeyError as exc:
         raise UserError(f"coefficients file {path} lacks {exc}") from None
+
+
+def _alloc_conf_of(value, path: Path) -> str:
+    """The file's ``alloc_conf`` (absent: the defaults), canonical; a bad one names the file."""
+    from estimator.alloc_conf import parse_alloc_conf
+
+    try:
+        return parse_alloc_conf(value or "").text
+    except UserError as exc:
+        raise UserError(f"coefficients file {path}: {exc}") from None
 
 
 def _display_path(path: Path) -> str:

@@ -59,7 +59,10 @@ def predict_parts(weights: float, f: Mapping[str, float], c: Mapping[str, float]
     if "sim_allocated_bytes" in f:
         dynamic = c["sim_allocated_factor"] * f["sim_allocated_bytes"] + c["workspace_bytes"]
         allocated = weights + dynamic
-        reserve = c["sim_reserve_factor"] * max(f["sim_reserved_bytes"] - f["sim_allocated_bytes"], 0)
+        # a non-default allocator setting: the reserve a run needs, not the cache it keeps where memory is
+        # ample (``sim_needed_bytes``, estimator/allocator.py ``_PlainRun``)
+        reserved = min(f["sim_reserved_bytes"], f.get("sim_needed_bytes", f["sim_reserved_bytes"]))
+        reserve = c["sim_reserve_factor"] * max(reserved - f["sim_allocated_bytes"], 0)
         overhead = c["overhead_bytes"] + reserve
         return {
             "phase": "decode" if f.get("sim_peak_step", 0) > 0 else "prefill",
@@ -123,7 +126,7 @@ class Estimate:
         """
         rows = []
         for gpu in table_gpus() if gpus is None else gpus:
-            high = bounds(self.total_bytes, self.coefficients, gpu)[1]
+            high = bounds(self.total_bytes, self.coefficients, gpu, self.workload.alloc_conf)[1]
             if high <= gpu.memory_bytes:
                 verdict = "fits"
             elif self.total_bytes <= gpu.memory_bytes:
@@ -176,6 +179,26 @@ OTHER_GPU_ABS_BYTES = 512 * 2**20
 OTHER_GPU_REL = 0.03
 
 
+# A PYTORCH_CUDA_ALLOC_CONF other than the one the coefficients were fitted on: the replay follows the
+# allocator's rules for it (estimator/allocator.py, estimator/expandable.py), but ``sim_reserve_factor`` and
+# the interval were fitted on another allocator's reserve (the H100 reference: the default settings). Until
+# records under that setting are fitted, the interval widens by this stated rule, not by a fit: both ends
+# move out by ALLOC_CONF_ABS_BYTES plus ALLOC_CONF_REL of the end (expandable segments keep the reserve within
+# a few 20 MiB pages; max_split_size_mb can add GiBs, which the replay counts). Tested in test_alloc_conf.py.
+ALLOC_CONF_ABS_BYTES = 256 * 2**20
+ALLOC_CONF_REL = 0.03
+
+
+def alloc_conf_calibrated(coefficients: Coefficients, alloc_conf: str) -> bool:
+    """Whether ``coefficients`` were fitted under allocator settings that behave as ``alloc_conf``."""
+    from estimator.alloc_conf import parse_alloc_conf
+
+    if not coefficients.calibrated or coefficients.framework == "vllm":
+        return True  # first-principles values know no allocator; vLLM's peak is not the replay's
+    mine = parse_alloc_conf(alloc_conf or "").memory_settings()
+    return mine == parse_alloc_conf(coefficients.alloc_conf or "").memory_settings()
+
+
 def calibrated_for(coefficients: Coefficients, gpu: GPU | None) -> bool:
     """Whether ``coefficients`` were fitted on ``gpu`` (None: the estimate is for their own GPU)."""
     if not coefficients.calibrated:
@@ -183,13 +206,18 @@ def calibrated_for(coefficients: Coefficients, gpu: GPU | None) -> bool:
     return gpu is None or canonical_gpu_name(coefficients.gpu) == gpu.name
 
 
-def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None) -> tuple[int, int]:
-    """(low, high) bytes of the interval around ``total`` for ``gpu``; widened where borrowed."""
+def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None,
+           alloc_conf: str = "") -> tuple[int, int]:
+    """(low, high) bytes of the interval around ``total`` for ``gpu`` under ``alloc_conf``; widened where
+    borrowed (another GPU, other allocator settings)."""
     iv = coefficients.interval
     low, high = total * (1 + iv["low"]), total * (1 + iv["high"])
     if coefficients.calibrated and not calibrated_for(coefficients, gpu):
         low = low * (1 - OTHER_GPU_REL) - OTHER_GPU_ABS_BYTES
         high = high * (1 + OTHER_GPU_REL) + OTHER_GPU_ABS_BYTES
+    if not alloc_conf_calibrated(coefficients, alloc_conf):
+        low = low * (1 - ALLOC_CONF_REL) - ALLOC_CONF_ABS_BYTES
+        high = high * (1 + ALLOC_CONF_REL) + ALLOC_CONF_ABS_BYTES
     return max(round(low), 0), round(high)
 
 
@@ -237,6 +265,7 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
     notes += calibration_notes(coefficients, target, workload.framework)
     weights = weights_bytes(spec, workload.dtype, quant)  # parameters, as published counts them
     f = features(spec, workload)
+    notes += alloc_conf_notes(coefficients, workload, f)
     # rotary tables and the like: a few KiB, counted with the overhead
     return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
                     target, workload.attn, notes, position_note is not None)
@@ -253,6 +282,33 @@ def calibration_notes(coefficients: Coefficients, target: GPU | None, framework:
     return []
 
 
+CACHED_NOTE_BYTES = 2**30  # cached segments beyond the needed reserve worth a note
+
+
+def alloc_conf_notes(coefficients: Coefficients, workload: Workload, features=None) -> list[str]:
+    """What the estimate says about the allocator settings: the ones it does not model, and a reserve
+    fitted under other settings (the interval then widens, ``bounds``)."""
+    from estimator.alloc_conf import describe, parse_alloc_conf
+
+    conf = parse_alloc_conf(workload.alloc_conf or "")
+    out = conf.notes()
+    if features is not None and "sim_needed_bytes" in features:
+        cached = features["sim_reserved_bytes"] - features["sim_needed_bytes"]
+        if cached > CACHED_NOTE_BYTES:
+            out.append(f"allocator {describe(conf)}: with unlimited memory the allocator would keep {cached / 2**30:,.2f} "
+                       "GiB more of cached segments that it frees when cudaMalloc fails; counted is the reserve the "
+                       "run needs (approximate): where memory is ample, NVML shows up to that much more")
+    if workload.framework == "vllm" and not conf.is_default:
+        out.append(f"PYTORCH_CUDA_ALLOC_CONF {describe(conf)}: not modelled for vLLM (its KV cache is one "
+                   "allocation made at start-up)")
+    elif not alloc_conf_calibrated(coefficients, workload.alloc_conf):
+        fitted = describe(parse_alloc_conf(coefficients.alloc_conf or ""))
+        out.append(f"allocator {describe(conf)}: replayed by its rules, but the reserve coefficient was fitted "
+                   f"under {fitted} settings (uncalibrated): interval widened by {ALLOC_CONF_REL:.0%} + "
+                   f"{ALLOC_CONF_ABS_BYTES // 2**20} MiB at each end")
+    return out
+
+
 def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], buffers: int, num_parameters: int,
              coefficients: Coefficients, target: GPU | None, attn: str, notes, beyond_positions: bool,
              engine: str = "replay", engine_version: str | None = None) -> Estimate:
@@ -261,7 +317,7 @@ def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], 
     total = round(parts["total"] + buffers)
     kv = f.get("kv_final_bytes", 0)
     overhead = round(parts["overhead"] + buffers)
-    low, high = bounds(total, coefficients, target)
+    low, high = bounds(total, coefficients, target, workload.alloc_conf)
     return Estimate(
         model=name,
         workload=workload,

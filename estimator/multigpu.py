@@ -3,7 +3,7 @@
 ``estimator/placement.py`` says which modules go where, as transformers computes it. Each GPU then holds
 the weights of its modules (exact), the KV cache of its decoder layers (exact: a layer's cache lives on
 the device the layer runs on), and the transient tensors of its own forward pieces. For those, the
-allocator replay (``estimator/program.py``, through ``estimator.terms.features``) runs once per GPU on a
+allocator replay (``estimator/replay/``, through ``estimator.terms.features``) runs once per GPU on a
 spec restricted to that GPU's layers: its frame allocates a hidden state of the batch's tokens where the
 embedding output would be (on the first GPU it is that output; on the others it stands for the hidden
 state accelerate's ``AlignDevicesHook`` copies in from the previous GPU), and the logits only on the GPU

@@ -39,6 +39,7 @@ class Workload:
     cache: str = "dynamic"
     framework: str = "transformers"
     max_cache_len: int | None = None  # static cache: tokens pre-allocated per sequence (default: context)
+    alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF, canonical (estimator/alloc_conf.py); "" for the defaults
 
     def __post_init__(self):
         for name in ("context", "batch"):
@@ -71,6 +72,9 @@ class Workload:
         if self.max_cache_len is not None and self.cache != "static":
             raise UserError("--max-cache-len sizes a static cache; add --cache static, or drop it "
                             "(a dynamic cache grows to --context)")
+        from estimator.alloc_conf import parse_alloc_conf
+
+        object.__setattr__(self, "alloc_conf", parse_alloc_conf(self.alloc_conf or "").text)
         if self.framework == "vllm" and self.cache == "static":
             raise UserError("--cache static is transformers' StaticCache; vLLM keeps its own paged cache "
                             "(drop --cache, or use --framework transformers)")
@@ -101,6 +105,7 @@ class Workload:
             attn=record.get("attn_implementation") or "sdpa",
             cache=record.get("cache_implementation") or "dynamic",
             framework=record.get("framework") or "transformers",
+            alloc_conf=record.get("alloc_conf") or "",
         )
 
     def as_dict(self) -> dict:
@@ -117,6 +122,7 @@ class Workload:
             "cache": self.cache,
             "framework": self.framework,
             "max_cache_len": self.max_cache_len,
+            "alloc_conf": self.alloc_conf,
         }
 
 

@@ -189,6 +189,10 @@ class Case:
             raise UserError(f"memory_limit_bytes must be > 0, not {self.memory_limit_bytes}")
         if not isinstance(self.alloc_conf, str):
             raise UserError(f"alloc_conf must be a string, not {self.alloc_conf!r}")
+        from estimator.alloc_conf import parse_alloc_conf
+
+        # strict, as torch parses it, and canonical: the record's alloc_conf is what the estimator reads
+        object.__setattr__(self, "alloc_conf", parse_alloc_conf(self.alloc_conf).text)
         if self.device == "cpu":  # the CUDA allocator's config means nothing on the CPU
             object.__setattr__(self, "alloc_conf", "")
 

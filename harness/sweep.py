@@ -227,7 +227,8 @@ class EstimateFilter:
                 self._specs[case.source] = load_model(case.source)
             workload = Workload(context=case.context, batch=case.batch, new_tokens=case.new_tokens,
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
-                                attn=case.attn, cache=case.cache or "dynamic", framework=case.framework)
+                                attn=case.attn, cache=case.cache or "dynamic", framework=case.framework,
+                                alloc_conf=case.alloc_conf)
             return comparable_bytes(estimate(self._specs[case.source], workload), self.device)
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
             self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import time
 
-from estimator.allocator import CachingAllocator, round_size
+from estimator.alloc_conf import parse_alloc_conf
+from estimator.allocator import allocator_class, round_size
 from estimator.coefficients import Coefficients, select_coefficients
 from estimator.errors import UserError
 from estimator.estimate import Estimate
@@ -39,7 +40,7 @@ from harness.trace import ATTN_IMPLEMENTATIONS, WORKSPACE, TraceRun, run_trace
 ENGINE = "trace"
 
 
-def simulate_events(tracker, min_bytes: int = 1) -> dict[str, int]:
+def simulate_events(tracker, min_bytes: int = 1, alloc_conf: str = "") -> dict[str, int]:
     """The replay's ``simulate`` features from a traced allocation sequence (see the module docstring).
 
     ``tracker`` ran with ``record_events=True``; ``min_bytes=estimator.replay.MIN_TRACKED_BYTES`` leaves
@@ -49,7 +50,7 @@ def simulate_events(tracker, min_bytes: int = 1) -> dict[str, int]:
     events, categories, marks = tracker.events, tracker.slot_categories, tracker.phase_marks
     if events is None:
         raise ValueError("the tracker did not record events (StorageTracker(record_events=True))")
-    alloc = CachingAllocator()
+    alloc = allocator_class(parse_alloc_conf(alloc_conf))()  # the model of the PYTORCH_CUDA_ALLOC_CONF asked
     loc: list = [None] * len(categories)
     base = None
     peak_step = 0
@@ -75,6 +76,7 @@ def simulate_events(tracker, min_bytes: int = 1) -> dict[str, int]:
         "sim_allocated_bytes": alloc.peak_allocated - base,
         "sim_reserved_bytes": alloc.peak_reserved - base,
         "sim_peak_step": peak_step,
+        **({"sim_needed_bytes": alloc.peak_needed - base} if getattr(alloc, "reports_needed", False) else {}),
     }
 
 
@@ -123,7 +125,7 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     notes this mirrors (positions, calibration)."""
     import transformers
 
-    from estimator.estimate import assemble, calibration_notes
+    from estimator.estimate import alloc_conf_notes, assemble, calibration_notes
     from estimator.positions import check_context
 
     attn = run.result.attn
@@ -134,7 +136,8 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     if position_note:
         notes.append(position_note)
     notes += calibration_notes(coefficients, gpu, workload.framework)
-    f = simulate_events(run.tracker)
+    f = simulate_events(run.tracker, alloc_conf=workload.alloc_conf)
+    notes += alloc_conf_notes(coefficients, workload, f)
     f["kv_final_bytes"] = run.cache_nbytes
     f["trace_peak_allocated_bytes"] = run.result.peak_allocated_bytes  # the tracker's own peak (512-byte blocks)
     # buffers: rotary tables and the like, counted with the overhead as in the replay

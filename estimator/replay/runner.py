@@ -68,7 +68,8 @@ from __future__ import annotations
 
 import os
 
-from estimator.allocator import SMALL_SIZE, CachingAllocator, round_size
+from estimator.alloc_conf import parse_alloc_conf
+from estimator.allocator import SMALL_SIZE, CachingAllocator, allocator_class, round_size
 from estimator.replay.engine import Replay
 from estimator.replay.program import Program
 from estimator.replay.step import Step
@@ -103,6 +104,9 @@ def simulate(spec: ModelSpec, workload, min_bytes: int = MIN_TRACKED_BYTES,
     ``accelerate``: run on the C allocator (default: ``accelerated()``); the same answer as the Python
     one, which takes over, from the start, when a size passes 2**62 (the C one's OverflowError).
     """
+    kind = allocator_class(parse_alloc_conf(workload.alloc_conf))
+    if kind is not CachingAllocator:  # a non-default PYTORCH_CUDA_ALLOC_CONF: only the Python models follow it
+        return _simulate(spec, workload, min_bytes, kind)
     if accelerate is None:
         accelerate = accelerated()
     if accelerate and _CAllocator is not None:
@@ -197,8 +201,11 @@ def _simulate(spec: ModelSpec, workload, min_bytes: int, allocator) -> dict[str,
             else:
                 valid_to = min([valid_to] + [t.hi for t in replay.used])
             step += 1
-    return {
+    out = {
         "sim_allocated_bytes": alloc.peak_allocated - base,
         "sim_reserved_bytes": alloc.peak_reserved - base,
         "sim_peak_step": peak_step,
     }
+    if getattr(alloc, "reports_needed", False):  # max_split_size_mb (estimator/allocator.py, _PlainRun)
+        out["sim_needed_bytes"] = alloc.peak_needed - base
+    return out

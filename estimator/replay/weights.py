@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from estimator.allocator import CachingAllocator
+from estimator.alloc_conf import parse_alloc_conf
+from estimator.allocator import allocator_class
 from estimator.dtypes import dtype_bytes
 from estimator.spec import ModelSpec
 
@@ -17,10 +18,11 @@ def weights_state(spec: ModelSpec, workload, min_bytes: int) -> tuple:
         if len(_WEIGHTS) > 256:
             _WEIGHTS.clear()
         entry = _WEIGHTS[id(spec)] = (spec, {})
-    key = (workload.dtype, min_bytes)
+    kind = allocator_class(parse_alloc_conf(workload.alloc_conf))  # the C allocator restores the default's
+    key = (workload.dtype, min_bytes, kind)
     snap = entry[1].get(key)
     if snap is None:
-        alloc = CachingAllocator()
+        alloc = kind()
         for nbytes in parameter_bytes(spec, workload):
             if nbytes >= min_bytes:
                 alloc.malloc(nbytes)
