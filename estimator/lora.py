@@ -350,3 +350,35 @@ def add_args(p) -> None:
     g.add_argument("--lora-dtype", default=None, metavar="D",
                    help="adapter dtype in memory (default float32: peft upcasts bf16/fp16 adapters on load)")
     g.add_argument("--lora-merge", action="store_true", help="merged into the base weights (merge_and_unload)")
+
+
+# ---- what the estimate says about it -------------------------------------------------------------------
+# No GPU measurement with adapters yet: the adapters' forward is replayed from peft's code and checked
+# against traced and measured CPU runs (tests/harness/test_lora_estimate.py), not calibrated on a GPU, so
+# each end of the interval moves out by this fraction of the adapter activations (the weights are exact).
+LORA_WIDEN = 0.25
+
+
+def note(lora: LoraSpec, f) -> tuple[str, int]:
+    """(the estimate's note on the adapters, bytes to widen the interval by at each end)."""
+    what = f"{lora.adapters} LoRA adapter{'s' if lora.adapters > 1 else ''}"
+    ranks = ", ".join(f"{n} r{r}" for n, r in lora.ranks)
+    if lora.merged:
+        return f"{what} merged into the base weights ({ranks}): no extra memory in the run", 0
+    widen = round(LORA_WIDEN * f.get("lora_activation_bytes", 0))
+    active = " (1 active, the others weights only)" if lora.adapters > 1 else ""
+    return (f"{what}{active}: {ranks}, {lora.dtype}; adapter weights exact, peft's unmerged forward not yet "
+            f"measured on a GPU: interval widened by {LORA_WIDEN:.0%} of the adapter activations "
+            f"({widen / 2**20:,.1f} MiB)"), widen
+
+
+def table_rows(est) -> list[tuple[str, int]]:
+    """The estimate table's rows: the adapters' weights and activations as rows of their own."""
+    f = est.features
+    if "lora_weights_bytes" not in f:
+        return [("weights", est.weights_bytes), ("KV cache", est.kv_cache_bytes),
+                ("activations", est.activation_bytes), ("overhead", est.overhead_bytes), ("total", est.total_bytes)]
+    w, act = f["lora_weights_bytes"], f["lora_activation_bytes"]
+    return [("weights", est.weights_bytes - w), ("adapter weights", w), ("KV cache", est.kv_cache_bytes),
+            ("activations", est.activation_bytes - act), ("adapter activations", act),
+            ("overhead", est.overhead_bytes), ("total", est.total_bytes)]

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 
 import os
 
+from estimator import lora as _lora  # LoRA hook
 from estimator.allocator import SMALL_SIZE, CachingAllocator, round_size
 from estimator.dtypes import dtype_bytes
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
@@ -455,19 +456,31 @@ class _Run:
         elif self.spec.model_type in _QK_NORM:  # q_norm(q_proj(x)), k_norm(k_proj(x)), v_proj(x)
             qkv = None
             q0 = t.new(q_n * a * (2 if lay.gated_attention else 1))
+            if self.w.lora:  # LoRA hook
+                q0 = _lora.linear(self, "q_proj", T, H, nh * d, q0)
             if lay.gated_attention:  # chunk(q_proj(x), 2) then gate.reshape: a copy
                 gate = t.new(q_n * a)
             q = self.norm(q_n)
             t.free(q0)
             k0 = t.new(k_n * a)
+            if self.w.lora:  # LoRA hook
+                k0 = _lora.linear(self, "k_proj", T, H, nkv * d, k0)
             k = self.norm(k_n)
             t.free(k0)
             v = t.new(v_n * a)
+            if self.w.lora:  # LoRA hook
+                v = _lora.linear(self, "v_proj", T, H, nkv * dv, v)
         else:
             qkv = None
             q = t.new(q_n * a)
+            if self.w.lora:  # LoRA hook
+                q = _lora.linear(self, "q_proj", T, H, nh * d, q)
             k = t.new(k_n * a)
+            if self.w.lora:  # LoRA hook
+                k = _lora.linear(self, "k_proj", T, H, nkv * d, k)
             v = t.new(v_n * a)
+            if self.w.lora:  # LoRA hook
+                v = _lora.linear(self, "v_proj", T, H, nkv * dv, v)
         if lay.rope == "partial":  # both rotations, then cat((rotated, pass), -1) for each
             qr = self.rope(q_n, whole=False)
             kr = self.rope(k_n, whole=False)
@@ -499,6 +512,8 @@ class _Run:
             t.free(gated, qe, gate, ke, v, qkv, x)
             return y, weights
         y = t.new(T * H * a)  # o_proj; the attention's locals go when it returns
+        if self.w.lora:  # LoRA hook
+            y = _lora.linear(self, "o_proj", T, nh * dv, H, y)
         t.free(out, qe, ke, v, qkv, x)
         return y, weights
 
@@ -932,12 +947,18 @@ class _Run:
             t.free(m, gu)
             return y
         gate = t.new(n * a)
+        if self.w.lora:  # LoRA hook
+            gate = _lora.linear(self, "gate_proj", T, self.spec.hidden_size, width, gate)
         g = self.act(n, gate)
         t.free(gate)
         up = t.new(n * a)
+        if self.w.lora:  # LoRA hook
+            up = _lora.linear(self, "up_proj", T, self.spec.hidden_size, width, up)
         m = t.new(n * a)
         t.free(g, up)
         y = t.new(T * self.spec.hidden_size * a)
+        if self.w.lora:  # LoRA hook
+            y = _lora.linear(self, "down_proj", T, width, self.spec.hidden_size, y)
         t.free(m)
         return y
 
@@ -1691,11 +1712,12 @@ def _weights_state(spec: ModelSpec, workload, min_bytes: int) -> tuple:
         if len(_WEIGHTS) > 256:
             _WEIGHTS.clear()
         entry = _WEIGHTS[id(spec)] = (spec, {})
-    key = (workload.dtype, min_bytes)
+    lora = getattr(workload, "lora", None)
+    key = (workload.dtype, min_bytes, lora)  # LoRA hook: the adapters' tensors are allocated after the model's
     snap = entry[1].get(key)
     if snap is None:
         alloc = CachingAllocator()
-        for nbytes in parameter_bytes(spec, workload):
+        for nbytes in parameter_bytes(spec, workload) + _lora.parameter_bytes(spec, lora, workload.dtype):
             if nbytes >= min_bytes:
                 alloc.malloc(nbytes)
         snap = entry[1][key] = alloc.snapshot()

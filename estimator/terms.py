@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from estimator.dtypes import COMPUTE_DTYPES, dtype_bytes, normalize_dtype
 from estimator.errors import UserError
+from estimator.lora import LoraSpec
 from estimator.program import simulate
 from estimator.quant import normalize_quant
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
@@ -39,6 +40,7 @@ class Workload:
     cache: str = "dynamic"
     framework: str = "transformers"
     max_cache_len: int | None = None  # static cache: tokens pre-allocated per sequence (default: context)
+    lora: LoraSpec | None = None  # peft LoRA adapters loaded (estimator/lora.py)
 
     def __post_init__(self):
         for name in ("context", "batch"):
@@ -71,6 +73,11 @@ class Workload:
         if self.max_cache_len is not None and self.cache != "static":
             raise UserError("--max-cache-len sizes a static cache; add --cache static, or drop it "
                             "(a dynamic cache grows to --context)")
+        if self.lora is not None and not isinstance(self.lora, LoraSpec):
+            raise UserError(f"lora must be an estimator.lora.LoraSpec, got {type(self.lora).__name__}")
+        if self.lora is not None and self.framework == "vllm":
+            raise UserError("LoRA adapters are modelled for transformers + peft; vLLM's LoRA (max_loras slots) "
+                            "is not: drop --lora*, or use --framework transformers")
         if self.framework == "vllm" and self.cache == "static":
             raise UserError("--cache static is transformers' StaticCache; vLLM keeps its own paged cache "
                             "(drop --cache, or use --framework transformers)")
@@ -117,6 +124,7 @@ class Workload:
             "cache": self.cache,
             "framework": self.framework,
             "max_cache_len": self.max_cache_len,
+            "lora": self.lora.as_dict() if self.lora else None,
         }
 
 
@@ -320,7 +328,21 @@ def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
         # The whole run replayed in the caching-allocator model: peak allocated and reserved bytes above
         # the weights, fragmentation included (estimator/program.py).
         out.update(simulate(spec, workload))
+        if workload.lora is not None:  # the adapters' own share, against the same run without them
+            out.update(lora_features(spec, workload, out["sim_allocated_bytes"]))
     return {k: int(v) for k, v in out.items()}
+
+
+def lora_features(spec: ModelSpec, workload: Workload, sim_allocated: int) -> dict[str, int]:
+    """``lora_weights_bytes`` (exact) and ``lora_activation_bytes``: the replay's allocated peak with the
+    adapters less the same run without them (what peft's forward adds at the peak; 0 when merged)."""
+    from dataclasses import replace
+
+    from estimator.lora import weight_bytes
+
+    base = simulate(spec, replace(workload, lora=None))["sim_allocated_bytes"]
+    return {"lora_weights_bytes": weight_bytes(spec, workload.lora, workload.dtype),
+            "lora_activation_bytes": max(sim_allocated - base, 0)}
 
 
 def _distinct_layers(spec: ModelSpec) -> tuple[LayerSpec, ...]:
