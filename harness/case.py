@@ -156,6 +156,7 @@ class Case:
     alloc_conf: str = ""
     framework: str = "transformers"
     memory_limit_bytes: int | None = None
+    lora: str | None = None  # peft LoRA adapters, canonical text (harness/lora.py: to_text / from_text)
 
     def __post_init__(self):
         _choice("device", self.device, DEVICES)
@@ -189,6 +190,10 @@ class Case:
             raise UserError(f"memory_limit_bytes must be > 0, not {self.memory_limit_bytes}")
         if not isinstance(self.alloc_conf, str):
             raise UserError(f"alloc_conf must be a string, not {self.alloc_conf!r}")
+        if self.lora is not None:  # canonical, and checked before anything runs
+            from harness.lora import from_text, to_text
+
+            object.__setattr__(self, "lora", to_text(from_text(self.lora)))
         if self.device == "cpu":  # the CUDA allocator's config means nothing on the CPU
             object.__setattr__(self, "alloc_conf", "")
 
@@ -236,6 +241,7 @@ class Case:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "alloc_conf": self.alloc_conf,
+            **({"lora": self.lora} if self.lora else {}),
         }
 
     def key(self, gpu_name: str | None = None) -> str:
@@ -248,7 +254,7 @@ class Case:
 
     # Within a process the model is built once per (dtype, attention, quantization).
     def build_group(self) -> tuple:
-        return (self.quant or "", self.dtype, self.attn)
+        return (self.quant or "", self.dtype, self.attn, self.lora or "")
 
     def label(self) -> str:
         """Short human description for progress lines."""
@@ -261,6 +267,8 @@ class Case:
         parts += [f"b{self.batch}", tokens]
         if self.alloc_conf:
             parts.append(f"[{self.alloc_conf}]")
+        if self.lora:
+            parts.append(f"lora {self.lora}")
         return " ".join(parts)
 
     def read_config(self) -> dict:
