@@ -70,6 +70,9 @@ def add_workload_args(p: argparse.ArgumentParser, context_required: bool = False
     p.add_argument("--coefficients", default=None, metavar="FILE",
                    help="coefficients file (default: the one for --framework and --gpu under results/coefficients)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from estimator import lora
+
+    lora.add_args(p)
 
 
 DEFAULT_NEW_TOKENS = 16
@@ -114,7 +117,8 @@ def workload_from_args(args, spec=None) -> "Workload":
     return Workload(context=args.context, batch=args.batch, new_tokens=new_tokens_from_args(args),
                     workload=args.workload, dtype=args.dtype, quant=quant_from_args(args, spec), kv_dtype=args.kv_dtype,
                     attn=args.attn, cache=args.cache, framework=args.framework,
-                    max_cache_len=args.max_cache_len, alloc_conf=alloc_conf_from_args(args))
+                    max_cache_len=args.max_cache_len, alloc_conf=alloc_conf_from_args(args),
+                    lora=lora_from_args(args))
 
 
 def alloc_conf_from_args(args) -> str:
@@ -129,6 +133,12 @@ def alloc_conf_from_args(args) -> str:
         if given is None:  # say where it came from, and how to get past it
             raise UserError(f"{exc} (from the environment; --alloc-conf '' estimates torch's defaults)") from None
         raise
+
+
+def lora_from_args(args):
+    from estimator.lora import from_args
+
+    return from_args(args)
 
 
 def _coefficients(args):
@@ -263,9 +273,9 @@ def cmd_estimate(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     lines = _describe(est, spec) + [""]
-    terms = [(label, _gib(value), f"{value:,}") for label, value in (
-        ("weights", est.weights_bytes), ("KV cache", est.kv_cache_bytes), ("activations", est.activation_bytes),
-        ("overhead", est.overhead_bytes), ("total", est.total_bytes))]
+    from estimator.lora import table_rows
+
+    terms = [(label, _gib(value), f"{value:,}") for label, value in table_rows(est)]
     lines += _table(("term", "GiB", "bytes"), terms, "lrr")
     # the interval's design coverage (what the calibration aimed at), else its measured coverage
     coverage = est.coefficients.interval.get("target") or est.coefficients.interval.get("coverage")

@@ -117,6 +117,9 @@ class Estimate:
     # and for the trace the transformers version that was traced.
     engine: str = "replay"
     engine_version: str | None = None
+    # Bytes each end of the interval moves out by, beyond the calibration's interval, for parts of the
+    # estimate no measurement has calibrated (estimator/lora.py: LORA_WIDEN); stated in ``notes``.
+    widen_bytes: int = 0
 
     def verdicts(self, gpus: tuple[GPU, ...] | None = None) -> list[dict]:
         """Per GPU: free memory after the estimate and a verdict (fits / tight / does not fit).
@@ -126,7 +129,8 @@ class Estimate:
         """
         rows = []
         for gpu in table_gpus() if gpus is None else gpus:
-            high = bounds(self.total_bytes, self.coefficients, gpu, self.workload.alloc_conf)[1]
+            high = bounds(self.total_bytes, self.coefficients, gpu, self.workload.alloc_conf,
+                          self.widen_bytes)[1]
             if high <= gpu.memory_bytes:
                 verdict = "fits"
             elif self.total_bytes <= gpu.memory_bytes:
@@ -168,6 +172,8 @@ class Estimate:
             "beyond_trained_positions": self.beyond_trained_positions,
             "engine": self.engine,
             "engine_version": self.engine_version,
+            "widen_bytes": self.widen_bytes,
+            **_extra_rows(self.features),
         }
 
 
@@ -206,12 +212,20 @@ def calibrated_for(coefficients: Coefficients, gpu: GPU | None) -> bool:
     return gpu is None or canonical_gpu_name(coefficients.gpu) == gpu.name
 
 
+def _extra_rows(f: Mapping[str, int]) -> dict[str, int]:
+    """The estimate's own rows for LoRA adapters (``estimator/lora.py``), where the job has them."""
+    if "lora_weights_bytes" not in f:
+        return {}
+    return {"adapter_weights_bytes": f["lora_weights_bytes"], "adapter_activation_bytes": f["lora_activation_bytes"]}
+
+
 def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None,
-           alloc_conf: str = "") -> tuple[int, int]:
+           alloc_conf: str = "", widen: int = 0) -> tuple[int, int]:
     """(low, high) bytes of the interval around ``total`` for ``gpu`` under ``alloc_conf``; widened where
-    borrowed (another GPU, other allocator settings)."""
+    borrowed (another GPU, other allocator settings), and by ``widen`` bytes at each end for uncalibrated
+    parts."""
     iv = coefficients.interval
-    low, high = total * (1 + iv["low"]), total * (1 + iv["high"])
+    low, high = total * (1 + iv["low"]) - widen, total * (1 + iv["high"]) + widen
     if coefficients.calibrated and not calibrated_for(coefficients, gpu):
         low = low * (1 - OTHER_GPU_REL) - OTHER_GPU_ABS_BYTES
         high = high * (1 + OTHER_GPU_REL) + OTHER_GPU_ABS_BYTES
@@ -264,11 +278,20 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
                      "language model's only, an under-estimate")
     notes += calibration_notes(coefficients, target, workload.framework)
     weights = weights_bytes(spec, workload.dtype, quant)  # parameters, as published counts them
+    widen = 0
+    if workload.lora is not None:  # peft adapters: their weights exactly, their forward replayed
+        from estimator import lora
+
+        lora.check_supported(spec, workload.lora, quant)
     f = features(spec, workload)
     notes += alloc_conf_notes(coefficients, workload, f)
+    if workload.lora is not None:
+        weights += f["lora_weights_bytes"]
+        note, widen = lora.note(workload.lora, f)
+        notes.append(note)
     # rotary tables and the like: a few KiB, counted with the overhead
     return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
-                    target, workload.attn, notes, position_note is not None)
+                    target, workload.attn, notes, position_note is not None, widen=widen)
 
 
 def calibration_notes(coefficients: Coefficients, target: GPU | None, framework: str) -> list[str]:
@@ -311,13 +334,13 @@ def alloc_conf_notes(coefficients: Coefficients, workload: Workload, features=No
 
 def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], buffers: int, num_parameters: int,
              coefficients: Coefficients, target: GPU | None, attn: str, notes, beyond_positions: bool,
-             engine: str = "replay", engine_version: str | None = None) -> Estimate:
+             engine: str = "replay", engine_version: str | None = None, widen: int = 0) -> Estimate:
     """The Estimate of either engine from its exact features ``f`` (``kv_final_bytes``, ``sim_*``)."""
     parts = predict_parts(weights, f, coefficients.for_attn(attn))
     total = round(parts["total"] + buffers)
     kv = f.get("kv_final_bytes", 0)
     overhead = round(parts["overhead"] + buffers)
-    low, high = bounds(total, coefficients, target, workload.alloc_conf)
+    low, high = bounds(total, coefficients, target, workload.alloc_conf, widen)
     return Estimate(
         model=name,
         workload=workload,
@@ -339,6 +362,7 @@ def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], 
         beyond_trained_positions=beyond_positions,
         engine=engine,
         engine_version=engine_version,
+        widen_bytes=widen,
     )
 
 

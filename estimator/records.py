@@ -63,6 +63,8 @@ def case_key(case) -> str:
         else:
             raise UserError(f"cannot make a case key: the case has no {field!r} field")
         parts.append("-" if value is None or value == "" else str(value))
+    if case.get("lora"):  # LoRA cases (harness/lora.py) only: every other key stays as it was
+        parts.append(f"lora={case['lora']}")
     return "|".join(parts)
 
 

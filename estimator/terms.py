@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from estimator.dtypes import COMPUTE_DTYPES, dtype_bytes, normalize_dtype
 from estimator.errors import UserError
+from estimator.lora import LoraSpec
 from estimator.replay import simulate
 from estimator.quant import normalize_quant
 from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
@@ -40,6 +41,7 @@ class Workload:
     framework: str = "transformers"
     max_cache_len: int | None = None  # static cache: tokens pre-allocated per sequence (default: context)
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF, canonical (estimator/alloc_conf.py); "" for the defaults
+    lora: LoraSpec | None = None  # peft LoRA adapters loaded (estimator/lora.py)
 
     def __post_init__(self):
         for name in ("context", "batch"):
@@ -75,6 +77,11 @@ class Workload:
         from estimator.alloc_conf import parse_alloc_conf
 
         object.__setattr__(self, "alloc_conf", parse_alloc_conf(self.alloc_conf or "").text)
+        if self.lora is not None and not isinstance(self.lora, LoraSpec):
+            raise UserError(f"lora must be an estimator.lora.LoraSpec, got {type(self.lora).__name__}")
+        if self.lora is not None and self.framework == "vllm":
+            raise UserError("LoRA adapters are modelled for transformers + peft; vLLM's LoRA (max_loras slots) "
+                            "is not: drop --lora*, or use --framework transformers")
         if self.framework == "vllm" and self.cache == "static":
             raise UserError("--cache static is transformers' StaticCache; vLLM keeps its own paged cache "
                             "(drop --cache, or use --framework transformers)")
@@ -123,6 +130,7 @@ class Workload:
             "framework": self.framework,
             "max_cache_len": self.max_cache_len,
             "alloc_conf": self.alloc_conf,
+            "lora": self.lora.as_dict() if self.lora else None,
         }
 
 
@@ -326,7 +334,21 @@ def features(spec: ModelSpec, workload: Workload) -> dict[str, int]:
         # The whole run replayed in the caching-allocator model: peak allocated and reserved bytes above
         # the weights, fragmentation included (estimator/replay/).
         out.update(simulate(spec, workload))
+        if workload.lora is not None:  # the adapters' own share, against the same run without them
+            out.update(lora_features(spec, workload, out["sim_allocated_bytes"]))
     return {k: int(v) for k, v in out.items()}
+
+
+def lora_features(spec: ModelSpec, workload: Workload, sim_allocated: int) -> dict[str, int]:
+    """``lora_weights_bytes`` (exact) and ``lora_activation_bytes``: the replay's allocated peak with the
+    adapters less the same run without them (what peft's forward adds at the peak; 0 when merged)."""
+    from dataclasses import replace
+
+    from estimator.lora import weight_bytes
+
+    base = simulate(spec, replace(workload, lora=None))["sim_allocated_bytes"]
+    return {"lora_weights_bytes": weight_bytes(spec, workload.lora, workload.dtype),
+            "lora_activation_bytes": max(sim_allocated - base, 0)}
 
 
 def _distinct_layers(spec: ModelSpec) -> tuple[LayerSpec, ...]:

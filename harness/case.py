@@ -156,6 +156,7 @@ class Case:
     alloc_conf: str = ""
     framework: str = "transformers"
     memory_limit_bytes: int | None = None
+    lora: str | None = None  # peft LoRA adapters, canonical text (harness/lora.py: to_text / from_text)
 
     def __post_init__(self):
         _choice("device", self.device, DEVICES)
@@ -193,6 +194,10 @@ class Case:
 
         # strict, as torch parses it, and canonical: the record's alloc_conf is what the estimator reads
         object.__setattr__(self, "alloc_conf", parse_alloc_conf(self.alloc_conf).text)
+        if self.lora is not None:  # canonical, and checked before anything runs
+            from harness.lora import from_text, to_text
+
+            object.__setattr__(self, "lora", to_text(from_text(self.lora)))
         if self.device == "cpu":  # the CUDA allocator's config means nothing on the CPU
             object.__setattr__(self, "alloc_conf", "")
 
@@ -240,6 +245,7 @@ class Case:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "alloc_conf": self.alloc_conf,
+            **({"lora": self.lora} if self.lora else {}),
         }
 
     def key(self, gpu_name: str | None = None) -> str:
@@ -252,7 +258,7 @@ class Case:
 
     # Within a process the model is built once per (dtype, attention, quantization).
     def build_group(self) -> tuple:
-        return (self.quant or "", self.dtype, self.attn)
+        return (self.quant or "", self.dtype, self.attn, self.lora or "")
 
     def label(self) -> str:
         """Short human description for progress lines."""
@@ -265,6 +271,8 @@ class Case:
         parts += [f"b{self.batch}", tokens]
         if self.alloc_conf:
             parts.append(f"[{self.alloc_conf}]")
+        if self.lora:
+            parts.append(f"lora {self.lora}")
         return " ".join(parts)
 
     def read_config(self) -> dict:

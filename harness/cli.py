@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--memory-limit-bytes", type=int, default=None,
                    help="cap the case's memory (cuda: memory fraction; cpu: tracker limit) to provoke an OOM")
     p.add_argument("--seed", type=int, default=0)
+    from estimator.lora import add_args as add_lora_args
+
+    add_lora_args(p)
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="record file to append to")
     p.add_argument("--repeat", action="store_true",
                    help="measure the case again when --out already holds it (default: say so and skip it, "
@@ -81,7 +84,7 @@ def _measure(args: argparse.Namespace) -> int:
     case = Case.make(args.model, device=args.device, dtype=args.dtype, attn=args.attn, cache=args.cache,
                      workload=args.workload, context=args.context, batch=args.batch,
                      new_tokens=args.new_tokens, quant=args.quant, alloc_conf=alloc_conf,
-                     memory_limit_bytes=args.memory_limit_bytes)
+                     memory_limit_bytes=args.memory_limit_bytes, lora=_lora_text(args))
     note = check_positions(case)
     out = check_output_file(args.out, "--out")
     existing = existing_records(out)
@@ -104,6 +107,14 @@ def _measure(args: argparse.Namespace) -> int:
     rec = records[-1]
     print(summary_line(case, rec, EstimateFilter(case.device, None, 0).estimate_bytes(case)))
     return 1 if rec["status"] == "error" else 0
+
+
+def _lora_text(args) -> str | None:
+    """--lora-rank / --lora PATH (estimator.lora.from_args) as the case's canonical text."""
+    from estimator.lora import from_args
+    from harness.lora import to_text
+
+    return to_text(from_args(args))
 
 
 def _sweep(args: argparse.Namespace) -> int:

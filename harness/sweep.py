@@ -54,6 +54,7 @@ AXES: dict[str, tuple[type, tuple]] = {
     "new_tokens": (int, (16,)),
     "alloc_conf": (str, ("",)),
     "quant": (str, ("none",)),
+    "lora": (str, ("",)),  # peft LoRA adapters, harness/lora.py's text ("r16:q_proj+v_proj:x1:float32"); "": none
 }
 SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed")
 _CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS}
@@ -71,6 +72,7 @@ class Matrix:
     new_tokens: tuple[int, ...]
     alloc_conf: tuple[str, ...]
     quant: tuple[str, ...]
+    lora: tuple[str, ...] = ("",)
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,9 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
     cases: dict[tuple, Case] = {}
     left_out = 0
     for m in sweep.matrices:
-        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant in itertools.product(
+        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant, lora in itertools.product(
             m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches, m.new_tokens,
-            m.alloc_conf, m.quant,
+            m.alloc_conf, m.quant, m.lora,
         ):
             if workload == "forward":
                 cache, new = None, 0
@@ -181,7 +183,7 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
                 continue
             case = Case.make(model, device=device, dtype=dtype, attn=attn, cache=cache, workload=workload,
                              context=context, batch=batch, new_tokens=new, alloc_conf=alloc, quant=quant,
-                             memory_limit_bytes=sweep.memory_limit_bytes)
+                             memory_limit_bytes=sweep.memory_limit_bytes, lora=lora or None)
             cases.setdefault(case.key(), case)
     return list(cases.values()), left_out
 
@@ -228,7 +230,8 @@ class EstimateFilter:
             workload = Workload(context=case.context, batch=case.batch, new_tokens=case.new_tokens,
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
                                 attn=case.attn, cache=case.cache or "dynamic", framework=case.framework,
-                                alloc_conf=case.alloc_conf)
+                                alloc_conf=case.alloc_conf,
+                                lora=_lora_of(case))
             return comparable_bytes(estimate(self._specs[case.source], workload), self.device)
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
             self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "
@@ -246,6 +249,12 @@ class EstimateFilter:
         if key not in self._warned:
             self._warned.add(key)
             print(f"vramcal: warning: {message}", file=sys.stderr)
+
+
+def _lora_of(case: Case):
+    from harness.lora import from_text
+
+    return from_text(case.lora)
 
 
 def existing_records(out: Path) -> list[dict]:

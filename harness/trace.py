@@ -79,6 +79,7 @@ class TraceRun:
     buffer_bytes: int  # exact nbytes of the buffers (rotary tables, position ids...)
     cache_nbytes: int  # exact nbytes of every tensor the cache holds at the end (KV, conv/recurrent states)
     max_positions: int | None = None  # the (text) config's max_position_embeddings / n_positions, if any
+    adapter_bytes: int = 0  # of the parameters: peft LoRA adapters' (harness/lora.py), 0 without
 
 
 # ---- GPU attention kernels ------------------------------------------------------------------------
@@ -559,12 +560,13 @@ def trace(
     new_tokens: int = 16,
     device_rules: str = "cuda",
     max_cache_len: int | None = None,
+    lora=None,
 ) -> TraceResult:
     """Trace one case from a config dict. `context` is prompt + new tokens (generate) or the sequence
     length (forward); `max_cache_len` (static cache) defaults to generate's `max_length - 1`."""
     return run_trace(config, dtype=dtype, attn=attn, cache=cache, workload=workload, context=context,
                      batch=batch, new_tokens=new_tokens, device_rules=device_rules,
-                     max_cache_len=max_cache_len).result
+                     max_cache_len=max_cache_len, lora=lora).result
 
 
 def run_trace(
@@ -580,6 +582,7 @@ def run_trace(
     device_rules: str = "cuda",
     max_cache_len: int | None = None,
     record_events: bool = False,
+    lora=None,
 ) -> TraceRun:
     """`trace`, keeping the tracker (with the allocation sequence when `record_events`) and the model's
     parameter count, parameter and buffer bytes, and the bytes the cache holds at the end."""
@@ -605,6 +608,11 @@ def run_trace(
     started = time.perf_counter()
     fake_mode = FakeTensorMode()
     model = build_fake_model(config, torch_dtype, attn, fake_mode)
+    if lora is not None:  # the real peft LoRA layers, on fake tensors (an estimator.lora.LoraSpec)
+        from harness.lora import apply_lora
+
+        with fake_mode:
+            model = apply_lora(model, lora, fake_mode)
     with fake_mode:
         tracker, facts = trace_model(model, workload=workload, batch=batch, prompt=prompt,
                                      new_tokens=new_tokens, cache=cache, max_cache_len=max_cache_len,
@@ -639,7 +647,14 @@ def run_trace(
         buffer_bytes=sum(s.nbytes() for k, s in storages.items() if k not in params),
         cache_nbytes=facts["cache_nbytes"],
         max_positions=_max_positions(model.config),
+        adapter_bytes=_adapter_bytes(model) if lora is not None else 0,
     )
+
+
+def _adapter_bytes(model) -> int:
+    from harness.lora import adapter_bytes
+
+    return adapter_bytes(model)
 
 
 def _max_positions(config) -> int | None:

@@ -108,7 +108,7 @@ def trace_workload(config: dict, workload: Workload) -> TraceRun:
         context, new_tokens = context + 1, 1  # a prefill of `context` tokens and nothing else
     kwargs = dict(dtype=workload.dtype, cache=workload.cache, workload=workload.workload, context=context,
                   batch=workload.batch, new_tokens=new_tokens, max_cache_len=workload.max_cache_len,
-                  record_events=True)
+                  record_events=True, lora=workload.lora)
     try:
         return run_trace(config, attn=workload.attn, **kwargs)
     except UserError as exc:
@@ -118,7 +118,7 @@ def trace_workload(config: dict, workload: Workload) -> TraceRun:
 
 
 def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficients: Coefficients,
-                        gpu=None) -> Estimate:
+                        gpu=None, config: dict | None = None) -> Estimate:
     """The `Estimate` of a recorded trace: `predict_parts` on the allocator model's replay of it.
 
     ``gpu`` (a GPU or None): the GPU the interval is for, as in ``estimator.estimate.estimate``, whose
@@ -140,10 +140,21 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     notes += alloc_conf_notes(coefficients, workload, f)
     f["kv_final_bytes"] = run.cache_nbytes
     f["trace_peak_allocated_bytes"] = run.result.peak_allocated_bytes  # the tracker's own peak (512-byte blocks)
+    widen = 0
+    if workload.lora is not None:  # the adapters' rows: their traced bytes, and the run without them
+        from dataclasses import replace
+
+        from estimator import lora
+
+        base = simulate_events(trace_workload(config, replace(workload, lora=None)).tracker)
+        f["lora_weights_bytes"] = run.adapter_bytes
+        f["lora_activation_bytes"] = max(f["sim_allocated_bytes"] - base["sim_allocated_bytes"], 0)
+        note, widen = lora.note(workload.lora, f)
+        notes.append(note)
     # buffers: rotary tables and the like, counted with the overhead as in the replay
     return assemble(name, workload, run.parameter_bytes, f, run.buffer_bytes, run.num_parameters, coefficients,
                     gpu, attn, notes, position_note is not None, engine=ENGINE,
-                    engine_version=transformers.__version__)
+                    engine_version=transformers.__version__, widen=widen)
 
 
 def trace_estimate(config: dict, name: str, workload: Workload, coefficients: Coefficients | None = None,
@@ -155,7 +166,7 @@ def trace_estimate(config: dict, name: str, workload: Workload, coefficients: Co
     target = find_gpu(gpu) if isinstance(gpu, str) else gpu
     if coefficients is None:
         coefficients = select_coefficients(workload.framework, target.name if target else None)
-    return estimate_from_trace(trace_workload(config, workload), name, workload, coefficients, target)
+    return estimate_from_trace(trace_workload(config, workload), name, workload, coefficients, target, config)
 
 
 class TraceProbe:

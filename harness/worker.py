@@ -349,6 +349,8 @@ def base_record(case: Case, env: dict, seed: int | None = 0, config: dict | None
         "seed": seed,
         "env": env["env"],
     }
+    if case.lora:  # peft LoRA adapters (harness/lora.py); part of the case key
+        rec["lora"] = case.lora
     rec["case_key"] = case_key(rec)
     return rec
 

@@ -5,6 +5,7 @@ A mixin of ``Program`` (``estimator/replay/program.py``); ``self.cache`` holds e
 
 from __future__ import annotations
 
+from estimator import lora as _lora  # LoRA hook
 from estimator.replay.step import Step
 from estimator.spec import AttentionSpec, LayerSpec
 
@@ -60,19 +61,31 @@ class Attention:
         elif lay.qk_norm:  # q_norm(q_proj(x)), k_norm(k_proj(x)), v_proj(x)
             qkv = None
             q0 = t.new(q_n * a * (2 if lay.gated_attention else 1))
+            if self.w.lora:  # LoRA hook
+                q0 = _lora.linear(self, "q_proj", T, H, nh * d, q0)
             if lay.gated_attention:  # chunk(q_proj(x), 2) then gate.reshape: a copy
                 gate = t.new(q_n * a)
             q = self.norm(q_n)
             t.free(q0)
             k0 = t.new(k_n * a)
+            if self.w.lora:  # LoRA hook
+                k0 = _lora.linear(self, "k_proj", T, H, nkv * d, k0)
             k = self.norm(k_n)
             t.free(k0)
             v = t.new(v_n * a)
+            if self.w.lora:  # LoRA hook
+                v = _lora.linear(self, "v_proj", T, H, nkv * dv, v)
         else:
             qkv = None
             q = t.new(q_n * a)
+            if self.w.lora:  # LoRA hook
+                q = _lora.linear(self, "q_proj", T, H, nh * d, q)
             k = t.new(k_n * a)
+            if self.w.lora:  # LoRA hook
+                k = _lora.linear(self, "k_proj", T, H, nkv * d, k)
             v = t.new(v_n * a)
+            if self.w.lora:  # LoRA hook
+                v = _lora.linear(self, "v_proj", T, H, nkv * dv, v)
         if lay.rope == "partial":  # both rotations, then cat((rotated, pass), -1) for each
             qr = self.rope(q_n, whole=False)
             kr = self.rope(k_n, whole=False)
@@ -104,6 +117,8 @@ class Attention:
             t.free(gated, qe, gate, ke, v, qkv, x)
             return y, weights
         y = t.new(T * H * a)  # o_proj; the attention's locals go when it returns
+        if self.w.lora:  # LoRA hook
+            y = _lora.linear(self, "o_proj", T, nh * dv, H, y)
         t.free(out, qe, ke, v, qkv, x)
         return y, weights
 

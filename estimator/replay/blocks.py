@@ -6,6 +6,8 @@ A mixin of ``Program`` (``estimator/replay/program.py``): the methods write onto
 
 from __future__ import annotations
 
+from estimator import lora as _lora  # LoRA hook
+
 from estimator.spec import LayerSpec
 
 
@@ -149,12 +151,18 @@ class Blocks:
             t.free(m, gu)
             return y
         gate = t.new(n * a)
+        if self.w.lora:  # LoRA hook
+            gate = _lora.linear(self, "gate_proj", T, self.spec.hidden_size, width, gate)
         g = self.act(n, gate)
         t.free(gate)
         up = t.new(n * a)
+        if self.w.lora:  # LoRA hook
+            up = _lora.linear(self, "up_proj", T, self.spec.hidden_size, width, up)
         m = t.new(n * a)
         t.free(g, up)
         y = t.new(T * self.spec.hidden_size * a)
+        if self.w.lora:  # LoRA hook
+            y = _lora.linear(self, "down_proj", T, width, self.spec.hidden_size, y)
         t.free(m)
         return y
 

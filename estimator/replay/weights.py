@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from estimator import lora as _lora  # LoRA hook
 from estimator.alloc_conf import parse_alloc_conf
 from estimator.allocator import allocator_class
 from estimator.dtypes import dtype_bytes
@@ -19,11 +20,12 @@ def weights_state(spec: ModelSpec, workload, min_bytes: int) -> tuple:
             _WEIGHTS.clear()
         entry = _WEIGHTS[id(spec)] = (spec, {})
     kind = allocator_class(parse_alloc_conf(workload.alloc_conf))  # the C allocator restores the default's
-    key = (workload.dtype, min_bytes, kind)
+    lora = getattr(workload, "lora", None)
+    key = (workload.dtype, min_bytes, kind, lora)  # LoRA hook: the adapters' tensors are allocated after the model's
     snap = entry[1].get(key)
     if snap is None:
         alloc = kind()
-        for nbytes in parameter_bytes(spec, workload):
+        for nbytes in parameter_bytes(spec, workload) + _lora.parameter_bytes(spec, lora, workload.dtype):
             if nbytes >= min_bytes:
                 alloc.malloc(nbytes)
         snap = entry[1][key] = alloc.snapshot()

@@ -89,6 +89,10 @@ def build(case, device: str):
         config = load_config(case)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=case.attn)
+    if getattr(case, "lora", None):  # peft LoRA adapters on the built model (harness/lora.py)
+        from harness.lora import apply_lora, from_text
+
+        model = apply_lora(model, from_text(case.lora))
     return model.eval()
 
 
