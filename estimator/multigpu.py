@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from estimator.errors import UserError
 from estimator.estimate import Estimate, assemble, calibration_notes
 from estimator.gpus import GPU, find_gpu
-from estimator.placement import compute_module_sizes, device_map_for, device_of, module_tree, parse_max_memory
+from estimator.placement import compute_module_sizes, device_of, module_tree, parse_max_memory, plan
 from estimator.spec import ModelSpec
 from estimator.terms import Workload, features
 
@@ -77,7 +77,7 @@ def max_memory_for(gpus: tuple[GPU, ...], text: str | None) -> tuple[dict, bool]
 class DeviceEstimate:
     device: int
     gpu: GPU
-    max_memory_bytes: int
+    max_memory_bytes: int  # the cap placement filled this GPU up to (after get_balanced_memory)
     layers: tuple[int, ...]  # decoder layers placed here
     modules: tuple[str, ...]
     estimate: Estimate | None  # None: the GPU holds no module (only its CUDA context)
@@ -183,8 +183,8 @@ def estimate_devices(spec: ModelSpec, workload: Workload, gpus: tuple[GPU, ...],
     if workload.framework != "transformers":
         raise UserError("--gpus places modules as transformers' device_map does; vLLM splits a model by tensor "
                         "parallelism instead (--framework vllm --tensor-parallel-size)")
-    device_map = device_map_for(spec, workload.dtype, max_memory, strategy, user_set)
-    mm_used = dict(max_memory)
+    # max_memory_bytes per GPU: the cap infer_auto_device_map filled up to (balanced, 90% rules applied)
+    device_map, mm_used = plan(spec, workload.dtype, max_memory, strategy, user_set)
     leaves = _leaf_modules(spec, workload.dtype)
     where = {name: device_of(device_map, name) for name, _, _ in leaves}
     offloaded = {d: [n for n, _, _ in leaves if where[n] == d] for d in ("cpu", "disk")}
