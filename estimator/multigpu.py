@@ -205,9 +205,10 @@ def estimate_devices(spec: ModelSpec, workload: Workload, gpus: tuple[GPU, ...],
     if offloaded:
         listed = "; ".join(f"{d}: {_names(n)}" for d, n in offloaded.items())
         notes.append(f"offloaded by accelerate ({listed}): they run on GPU 0, their weights copied in at every "
-                     "forward, so generate becomes slow (often 10-100x); their KV cache is on GPU 0")
+                     "forward, so generate becomes slow (every step waits for that copy over PCIe); their KV cache is on GPU 0")
     streamed = max((size for name, size, _ in leaves if where[name] in ("cpu", "disk")), default=0)
-    notes += calibration_notes(coefficients, gpus[0], workload.framework)
+    for gpu in dict.fromkeys(gpus):  # each kind of GPU once: its interval widened where not calibrated
+        notes += [n for n in calibration_notes(coefficients, gpu, workload.framework) if n not in notes]
     devices = []
     for i, gpu in enumerate(gpus):
         mine = [(n, s, layer) for n, s, layer in leaves if where[n] == i]
