@@ -82,7 +82,8 @@ def _measure(args: argparse.Namespace) -> int:
                      workload=args.workload, context=args.context, batch=args.batch,
                      new_tokens=args.new_tokens, quant=args.quant, alloc_conf=alloc_conf,
                      memory_limit_bytes=args.memory_limit_bytes,
-                     device_map=args.device_map or ("auto" if (args.gpus or 1) > 1 else None), gpus=args.gpus or 1)
+                     device_map=args.device_map or ("auto" if (args.gpus or 1) > 1 else None),
+                     gpus=1 if args.gpus is None else args.gpus)
     note = check_positions(case)
     out = check_output_file(args.out, "--out")
     existing = existing_records(out)

@@ -6,6 +6,8 @@ dispatch_model) run for real on a tiny model. The measurement on several GPUs is
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,13 @@ def test_config_build_places_with_transformers_and_runs(tiny):
     if not torch.cuda.is_available():  # all on the CPU: generate runs through accelerate's hooks
         run = backend.run(model, case, "cpu")
         assert run.kv_cache_bytes > 0
+
+
+@pytest.mark.parametrize("args", [("--gpus", "0"), ("--device-map", "auto", "--device", "cpu"),
+                                  ("--gpus", "2", "--memory-limit-bytes", "1000")])
+def test_measure_refuses_bad_gpu_options_in_one_line(tmp_path, tiny, args):
+    r = subprocess.run([sys.executable, "-m", "vramcal", "measure", tiny, "--out", str(tmp_path / "r.jsonl"), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "gpus" in r.stderr or "device_map" in r.stderr or "memory_limit" in r.stderr
+    assert not (tmp_path / "r.jsonl").exists()
