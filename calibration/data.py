@@ -129,7 +129,7 @@ def usable(df, framework: str | None = None, gpu: str | None = None, device: str
 
     Left out: status oom/error (their peak is not a completed case's), records of another device than
     ``device`` (by default CPU tracker records: no NVML peak, reserve or context to fit GPU coefficients
-    on), another framework or GPU than asked, records whose config the estimator cannot read, records
+    on), device_map records over several GPUs (their peaks are sums), another framework or GPU than asked, records whose config the estimator cannot read, records
     without the measured peak (``estimator.compare.MEASURED``). A context beyond the model's positions is
     never a reason: what was measured is scored.
     """
@@ -148,6 +148,9 @@ def usable(df, framework: str | None = None, gpu: str | None = None, device: str
         reasons[(reasons == "") & (df["framework"] != framework)] = "framework " + df["framework"].astype(str)
     if gpu:
         reasons[(reasons == "") & (df["gpu"] != gpu)] = "gpu " + df["gpu"].astype(str)
+    if "device_map" in df:  # several GPUs (harness/multigpu.py): top-level peaks are sums, not one GPU's
+        multi = (reasons == "") & df["device_map"].notna()
+        reasons[multi] = "device_map (several GPUs)"
     if "terms_error" in df:
         bad = (reasons == "") & df["terms_error"].notna()
         reasons[bad] = "config unreadable"

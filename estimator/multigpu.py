@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from estimator.errors import UserError
 from estimator.estimate import Estimate, assemble, calibration_notes
 from estimator.gpus import GPU, find_gpu
-from estimator.placement import compute_module_sizes, device_map_for, device_of, module_tree, parse_max_memory
+from estimator.placement import compute_module_sizes, device_of, module_tree, parse_max_memory, plan
 from estimator.spec import ModelSpec
 from estimator.terms import Workload, features
 
@@ -77,7 +77,7 @@ def max_memory_for(gpus: tuple[GPU, ...], text: str | None) -> tuple[dict, bool]
 class DeviceEstimate:
     device: int
     gpu: GPU
-    max_memory_bytes: int
+    max_memory_bytes: int  # the cap placement filled this GPU up to (after get_balanced_memory)
     layers: tuple[int, ...]  # decoder layers placed here
     modules: tuple[str, ...]
     estimate: Estimate | None  # None: the GPU holds no module (only its CUDA context)
@@ -183,8 +183,8 @@ def estimate_devices(spec: ModelSpec, workload: Workload, gpus: tuple[GPU, ...],
     if workload.framework != "transformers":
         raise UserError("--gpus places modules as transformers' device_map does; vLLM splits a model by tensor "
                         "parallelism instead (--framework vllm --tensor-parallel-size)")
-    device_map = device_map_for(spec, workload.dtype, max_memory, strategy, user_set)
-    mm_used = dict(max_memory)
+    # max_memory_bytes per GPU: the cap infer_auto_device_map filled up to (balanced, 90% rules applied)
+    device_map, mm_used = plan(spec, workload.dtype, max_memory, strategy, user_set)
     leaves = _leaf_modules(spec, workload.dtype)
     where = {name: device_of(device_map, name) for name, _, _ in leaves}
     offloaded = {d: [n for n, _, _ in leaves if where[n] == d] for d in ("cpu", "disk")}
@@ -205,9 +205,10 @@ def estimate_devices(spec: ModelSpec, workload: Workload, gpus: tuple[GPU, ...],
     if offloaded:
         listed = "; ".join(f"{d}: {_names(n)}" for d, n in offloaded.items())
         notes.append(f"offloaded by accelerate ({listed}): they run on GPU 0, their weights copied in at every "
-                     "forward, so generate becomes slow (often 10-100x); their KV cache is on GPU 0")
+                     "forward, so generate becomes slow (every step waits for that copy over PCIe); their KV cache is on GPU 0")
     streamed = max((size for name, size, _ in leaves if where[name] in ("cpu", "disk")), default=0)
-    notes += calibration_notes(coefficients, gpus[0], workload.framework)
+    for gpu in dict.fromkeys(gpus):  # each kind of GPU once: its interval widened where not calibrated
+        notes += [n for n in calibration_notes(coefficients, gpu, workload.framework) if n not in notes]
     devices = []
     for i, gpu in enumerate(gpus):
         mine = [(n, s, layer) for n, s, layer in leaves if where[n] == i]

@@ -293,6 +293,12 @@ def device_map_for(spec: ModelSpec, dtype: str, max_memory: dict, strategy: str 
     ``max_memory``: bytes per device as ``get_max_memory`` sees them; ``user_set`` False when they stand
     for the free memory transformers would query itself (its 90% rules apply then).
     """
+    return plan(spec, dtype, max_memory, strategy, user_set)[0]
+
+
+def plan(spec: ModelSpec, dtype: str, max_memory: dict, strategy: str = "auto",
+         user_set: bool = True) -> tuple[dict, dict]:
+    """(the device map, the max_memory infer_auto_device_map filled: balanced, 90% rules applied)."""
     if strategy not in DEVICE_MAPS:
         raise UserError(f"--device-map {strategy!r}: expected one of {', '.join(DEVICE_MAPS)}")
     # get_max_memory's order: GPU indices ascending, then "cpu", then "disk"
@@ -302,7 +308,7 @@ def device_map_for(spec: ModelSpec, dtype: str, max_memory: dict, strategy: str 
     sizes, leaves = compute_module_sizes(root)
     no_split = [sizes[m.name] for m in _named_modules(root) if m.no_split]
     mm = max_memory_of(max_memory, sizes[""], no_split, leaves, strategy, user_set)
-    return infer_auto_device_map(root, mm, tied)
+    return infer_auto_device_map(root, mm, tied), mm
 
 
 def device_of(device_map: dict, name: str):

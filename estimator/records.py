@@ -41,6 +41,9 @@ CASE_KEY_FIELDS = (
 )
 # Fields a case description may leave out; they take these values (null = none / not applicable).
 _KEY_DEFAULTS = {"gpu_name": None, "quantization": None, "cache_implementation": None, "alloc_conf": ""}
+# Fields added later, in the key only where they differ from their default ("|device_map=auto|gpus=2"),
+# so the keys of every record measured before them stay what they were (a rerun still resumes).
+OPTIONAL_KEY_FIELDS = {"device_map": None, "gpus": 1}
 
 
 def case_key(case) -> str:
@@ -65,6 +68,10 @@ def case_key(case) -> str:
         parts.append("-" if value is None or value == "" else str(value))
     if case.get("lora"):  # LoRA cases (harness/lora.py) only: every other key stays as it was
         parts.append(f"lora={case['lora']}")
+    for field, default in OPTIONAL_KEY_FIELDS.items():
+        value = case.get(field, default)
+        if value is not None and value != default:
+            parts.append(f"{field}={value}")
     return "|".join(parts)
 
 

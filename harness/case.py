@@ -31,6 +31,9 @@ DTYPES = {  # accepted spelling -> canonical torch dtype name
 # Names are estimator.quant's canonical ones, so a record's `quantization` maps onto its formats.
 LOAD_TIME_QUANTS = ("bnb-int8", "bnb-nf4", "bnb-nf4-nodq", "bnb-fp4", "bnb-fp4-nodq", "fp8-block")
 FRAMEWORKS = ("transformers",)
+# from_pretrained's device_map strategies (transformers/integrations/accelerate.py check_and_set_device_map)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+MAX_GPUS = 64
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -157,6 +160,10 @@ class Case:
     framework: str = "transformers"
     memory_limit_bytes: int | None = None
     lora: str | None = None  # peft LoRA adapters, canonical text (harness/lora.py: to_text / from_text)
+    # Several GPUs: the model placed by from_pretrained(device_map=...) over the first `gpus` CUDA devices
+    # (None: the whole model on device 0, as the reference records were measured).
+    device_map: str | None = None
+    gpus: int = 1
 
     def __post_init__(self):
         _choice("device", self.device, DEVICES)
@@ -200,6 +207,16 @@ class Case:
             object.__setattr__(self, "lora", to_text(from_text(self.lora)))
         if self.device == "cpu":  # the CUDA allocator's config means nothing on the CPU
             object.__setattr__(self, "alloc_conf", "")
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not 1 <= self.gpus <= MAX_GPUS:
+            raise UserError(f"gpus must be an integer from 1 to {MAX_GPUS}, not {self.gpus!r}")
+        if self.device_map is not None:
+            _choice("device_map", self.device_map, DEVICE_MAPS)
+            if self.device != "cuda":
+                raise UserError("device_map places a model on GPUs; it needs device cuda")
+            if self.memory_limit_bytes is not None:
+                raise UserError("memory_limit_bytes caps one GPU; it does not apply to a device_map case")
+        elif self.gpus > 1:
+            raise UserError(f"gpus {self.gpus} needs a device_map (auto, balanced, balanced_low_0 or sequential)")
 
     @classmethod
     def make(cls, model: str, *, context: int, new_tokens: int | None = None, workload: str = "generate",
@@ -246,6 +263,7 @@ class Case:
             "new_tokens": self.new_tokens,
             "alloc_conf": self.alloc_conf,
             **({"lora": self.lora} if self.lora else {}),
+            **({"device_map": self.device_map, "gpus": self.gpus} if self.device_map else {}),
         }
 
     def key(self, gpu_name: str | None = None) -> str:
@@ -254,11 +272,12 @@ class Case:
     # A worker process serves one (device, alloc_conf, model): the allocator config is fixed at CUDA
     # init, and one process per model is how the reference records were measured.
     def process_group(self) -> tuple:
-        return (self.device, self.alloc_conf, self.framework, self.model, self.source, self.memory_limit_bytes)
+        return (self.device, self.alloc_conf, self.framework, self.model, self.source, self.memory_limit_bytes,
+                self.gpus if self.device_map else 0)
 
     # Within a process the model is built once per (dtype, attention, quantization).
     def build_group(self) -> tuple:
-        return (self.quant or "", self.dtype, self.attn, self.lora or "")
+        return (self.quant or "", self.dtype, self.attn, self.lora or "", self.device_map or "")
 
     def label(self) -> str:
         """Short human description for progress lines."""
@@ -273,6 +292,8 @@ class Case:
             parts.append(f"[{self.alloc_conf}]")
         if self.lora:
             parts.append(f"lora {self.lora}")
+        if self.device_map:
+            parts.append(f"device_map={self.device_map}x{self.gpus}")
         return " ".join(parts)
 
     def read_config(self) -> dict:

@@ -32,6 +32,10 @@ def register(subparsers) -> None:
                    help="PYTORCH_CUDA_ALLOC_CONF for the measuring process (default: as in this environment)")
     p.add_argument("--memory-limit-bytes", type=int, default=None,
                    help="cap the case's memory (cuda: memory fraction; cpu: tracker limit) to provoke an OOM")
+    p.add_argument("--device-map", default=None, choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="place the model with from_pretrained's device_map over --gpus GPUs (per-GPU peaks)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs the device_map uses (default 1; set "
+                   "CUDA_VISIBLE_DEVICES to exactly that many)")
     p.add_argument("--seed", type=int, default=0)
     from estimator.lora import add_args as add_lora_args
 
@@ -84,7 +88,9 @@ def _measure(args: argparse.Namespace) -> int:
     case = Case.make(args.model, device=args.device, dtype=args.dtype, attn=args.attn, cache=args.cache,
                      workload=args.workload, context=args.context, batch=args.batch,
                      new_tokens=args.new_tokens, quant=args.quant, alloc_conf=alloc_conf,
-                     memory_limit_bytes=args.memory_limit_bytes, lora=_lora_text(args))
+                     memory_limit_bytes=args.memory_limit_bytes,
+                     device_map=args.device_map or ("auto" if (args.gpus or 1) > 1 else None),
+                     gpus=1 if args.gpus is None else args.gpus, lora=_lora_text(args))
     note = check_positions(case)
     out = check_output_file(args.out, "--out")
     existing = existing_records(out)

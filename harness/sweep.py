@@ -11,6 +11,8 @@ quant). An axis left out of a matrix takes the top-level value of the same name,
     skip_over_estimate = 1.5        # skip cases estimated above 1.5 x device memory (0: never)
     memory_limit_bytes = 0          # 0: none; else a cap (cuda: memory fraction; cpu: tracker limit)
     seed = 0
+    gpus = 1                        # > 1: each case loaded with device_map over that many GPUs
+    device_map = "auto"             # with gpus: auto, balanced, balanced_low_0 or sequential
 
     [[matrix]]
     models = ["llama-3.2-1b"]
@@ -38,7 +40,7 @@ from estimator.compare import MEASURED, comparable_bytes
 from estimator.errors import UserError, require_extra
 from estimator.paths import check_output_file
 from estimator.records import case_key, read_records
-from harness.case import ATTNS, CACHES, DEVICES, WORKLOADS, Case, check_positions, normalize_dtype
+from harness.case import ATTNS, CACHES, DEVICE_MAPS, DEVICES, MAX_GPUS, WORKLOADS, Case, check_positions, normalize_dtype
 
 GIB = 2**30
 
@@ -56,7 +58,8 @@ AXES: dict[str, tuple[type, tuple]] = {
     "quant": (str, ("none",)),
     "lora": (str, ("",)),  # peft LoRA adapters, harness/lora.py's text ("r16:q_proj+v_proj:x1:float32"); "": none
 }
-SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed")
+SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed",
+            "gpus", "device_map")
 _CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS}
 
 
@@ -87,6 +90,8 @@ class Sweep:
     memory_limit_bytes: int | None
     seed: int
     matrices: tuple[Matrix, ...] = field(repr=False)
+    gpus: int = 1
+    device_map: str | None = None  # set for a several-GPU sweep (harness/multigpu.py)
 
 
 def _axis(where: str, name: str, value) -> tuple:
@@ -139,6 +144,7 @@ def load_sweep(path) -> Sweep:
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"{path}: seed must be an integer, not {seed!r}")
+    gpus, device_map = _gpus_setting(path, data, device, limit)
     for name in ("name", "description", "gpu", "out"):
         if name in data and not isinstance(data[name], str):
             raise UserError(f"{path}: {name} must be a string, not {data[name]!r}")
@@ -161,8 +167,25 @@ def load_sweep(path) -> Sweep:
     return Sweep(
         path=str(path), name=data.get("name", path.stem), description=data.get("description", ""),
         device=device, gpu=data.get("gpu"), out=data.get("out"), skip_over_estimate=float(ratio),
-        memory_limit_bytes=limit or None, seed=seed, matrices=tuple(matrices),
+        memory_limit_bytes=limit or None, seed=seed, matrices=tuple(matrices), gpus=gpus, device_map=device_map,
     )
+
+
+def _gpus_setting(path, data: dict, device: str, limit: int) -> tuple[int, str | None]:
+    """(gpus, device_map): 1 and None unless the sweep places its models on several GPUs."""
+    gpus = data.get("gpus", 1)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
+        raise UserError(f"{path}: gpus must be an integer from 1 to {MAX_GPUS}, not {gpus!r}")
+    device_map = data.get("device_map", "auto" if gpus > 1 else None)
+    if device_map is None:
+        return gpus, None
+    if device_map not in DEVICE_MAPS:
+        raise UserError(f"{path}: device_map {device_map!r} is not one of: {', '.join(DEVICE_MAPS)}")
+    if device != "cuda":
+        raise UserError(f"{path}: device_map places models on GPUs; it needs device = \"cuda\"")
+    if limit:
+        raise UserError(f"{path}: memory_limit_bytes caps one GPU; it does not apply with device_map")
+    return gpus, device_map
 
 
 def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
@@ -183,7 +206,8 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
                 continue
             case = Case.make(model, device=device, dtype=dtype, attn=attn, cache=cache, workload=workload,
                              context=context, batch=batch, new_tokens=new, alloc_conf=alloc, quant=quant,
-                             memory_limit_bytes=sweep.memory_limit_bytes, lora=lora or None)
+                             memory_limit_bytes=sweep.memory_limit_bytes, device_map=sweep.device_map,
+                             gpus=sweep.gpus, lora=lora or None)
             cases.setdefault(case.key(), case)
     return list(cases.values()), left_out
 
@@ -402,6 +426,8 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
         memory_bytes = find_gpu(sweep.gpu).memory_bytes
     if device == "cpu":
         memory_bytes = sweep.memory_limit_bytes
+    elif sweep.device_map and memory_bytes:  # the one-GPU estimate against all the GPUs' memory: a rough filter
+        memory_bytes *= sweep.gpus
     done = measured_keys(records, retry_errors)
     is_done = ray_sweep.done_rule(done, records, pin) if ray is not None else (lambda c: c.key(gpu_name) in done)
     pending = [case for case in order(cases) if not is_done(case)]

@@ -81,7 +81,8 @@ def _harness_version() -> str:
 class Session:
     """A measuring session on one device. Usable in-process (tests on the CPU) or in the worker."""
 
-    def __init__(self, device: str = "cpu", framework: str = "transformers", seed: int = 0):
+    def __init__(self, device: str = "cpu", framework: str = "transformers", seed: int = 0, gpus: int = 0):
+        """``gpus``: device_map cases over that many GPUs (harness/multigpu.py); 0: everything on device 0."""
         from harness.backends import get_backend
 
         self.device = device
@@ -100,6 +101,11 @@ class Session:
             # before this process touches the GPU: everything above this is ours
             self.others_at_baseline = self.nv.other_processes(self_on_gpu=False)
             self.baseline_bytes = self.nv.used_bytes()
+        self.devices = None
+        if device == "cuda" and gpus:
+            from harness.multigpu import Devices
+
+            self.devices = Devices(gpus)  # NVML baselines of every GPU, before CUDA init
         torch = require_extra("torch", "harness")
         self.torch = torch
         if device == "cuda":
@@ -119,6 +125,8 @@ class Session:
             del a, _
             torch.cuda.empty_cache()
             self.context_bytes = self.nv.used_bytes() - self.baseline_bytes
+            if self.devices is not None:
+                self.devices.after_init(torch)
         self.env = {
             "framework": self.backend.NAME,
             "framework_version": self.backend.version(),
@@ -136,6 +144,8 @@ class Session:
             "baseline_nvml_bytes": self.baseline_bytes,
             "env": {k: os.environ[k] for k in MEMORY_ENV if k in os.environ},
         }
+        if self.devices is not None:
+            self.env["devices"] = self.devices.env()
         self._built_group = None
         self._model = None
         self._weights_bytes = None
@@ -196,7 +206,11 @@ class Session:
         delay = float(os.environ.get("VRAMCAL_TEST_DELAY_S", "0") or 0)
         if delay:
             time.sleep(delay)
-        if self.device == "cuda":
+        if case.device_map:
+            from harness import multigpu
+
+            rec.update(multigpu.measure(self, case, model))
+        elif self.device == "cuda":
             rec.update(self._measure_cuda(case, model))
         else:
             rec.update(self._measure_cpu(case, model))
@@ -351,6 +365,8 @@ def base_record(case: Case, env: dict, seed: int | None = 0, config: dict | None
     }
     if case.lora:  # peft LoRA adapters (harness/lora.py); part of the case key
         rec["lora"] = case.lora
+    if case.device_map:  # several GPUs (harness/multigpu.py): in the case key only when set
+        rec.update(device_map=case.device_map, gpus=case.gpus, devices=env.get("devices"), hf_device_map=None)
     rec["case_key"] = case_key(rec)
     return rec
 
@@ -434,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             send({"event": "done"})
             return 0
     try:
-        session = Session(job.get("device", "cpu"), framework, job.get("seed", 0))
+        gpus = cases[0].gpus if cases and cases[0].device_map else 0
+        session = Session(job.get("device", "cpu"), framework, job.get("seed", 0), gpus)
     except UserError as exc:
         send({"event": "fatal", "error": str(exc)})
         return 2

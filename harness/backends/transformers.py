@@ -79,6 +79,10 @@ def build(case, device: str):
     from transformers import AutoModelForCausalLM
 
     dtype = _torch_dtype(case.dtype)
+    if getattr(case, "device_map", None):  # several GPUs: placed as from_pretrained(device_map=...) places it
+        from harness import multigpu
+
+        return multigpu.build(case, load_config, dtype)
     if case.source_kind == "checkpoint":
         kwargs = {"dtype": dtype, "attn_implementation": case.attn, "device_map": device}
         stored = json.loads(open(f"{case.source}/config.json", encoding="utf-8").read())

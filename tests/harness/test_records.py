@@ -263,7 +263,7 @@ def test_shipped_sweeps_parse_and_cover_the_campaign():
     assert {c.dtype for c in cal_cases} == {"bfloat16", "float16", "float32"}
     assert {c.attn for c in cal_cases} == {"sdpa", "eager"}
     assert {c.cache for c in cal_cases} == {"dynamic", "static", None}
-    assert {c.alloc_conf for c in cal_cases} == {"", "expandable_segments:True"}
+    assert {"", "expandable_segments:True"} <= {c.alloc_conf for c in cal_cases}
     assert max(c.new_tokens for c in cal_cases) >= 512 and max(c.context for c in cal_cases) >= 32768
     # the smoke sweep repeats reference cases exactly, for the 2% cross-check
     reference = {case_key(r) for r in reference_records()}
