@@ -167,7 +167,7 @@ def check_resources(device: str, pin: str | None) -> dict:
                             "(or use --device cpu)")
         if pin:
             if f"accelerator_type:{pin}" not in have:
-                raise UserError(f"no node of the Ray cluster has a {pin} GPU (the sweep's gpu); it has: "
+                raise UserError(f"no node of the Ray cluster has a GPU of kind {pin} (the sweep's gpu); it has: "
                                 f"{', '.join(types) or 'no typed GPUs'}; change gpu in the sweep file")
             request["accelerator_type"] = pin
         return request
