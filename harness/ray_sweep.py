@@ -167,7 +167,7 @@ def check_resources(device: str, pin: str | None) -> dict:
                             "(or use --device cpu)")
         if pin:
             if f"accelerator_type:{pin}" not in have:
-                raise UserError(f"no node of the Ray cluster has a {pin} GPU (the sweep's gpu); it has: "
+                raise UserError(f"no node of the Ray cluster has a GPU of kind {pin} (the sweep's gpu); it has: "
                                 f"{', '.join(types) or 'no typed GPUs'}; change gpu in the sweep file")
             request["accelerator_type"] = pin
         return request
@@ -176,20 +176,36 @@ def check_resources(device: str, pin: str | None) -> dict:
     return {"num_cpus": 1, "num_gpus": 0}
 
 
-def run_on_ray(cases: list[Case], out: Path, *, address: str, seed: int, pin: str | None,
-               on_start: Callable[[Case], None], on_record: Callable[[Case, dict], None],
-               verbose: bool = False) -> dict[str, dict[str, int]]:
-    """Measure `cases` (ordered) as Ray tasks, appending each record to `out` as it arrives.
+class Cluster:
+    """`with Cluster(address, device, pin):` joins (or starts) Ray and checks that it can place the tasks,
+    before a progress bar is drawn, so a bad address or a missing GPU kind is one line; `run` measures."""
 
-    Returns per-node counts {node: {"ok", "oom", "error"}}."""
-    import ray
+    def __init__(self, address: str, device: str, pin: str | None, verbose: bool = False):
+        self.address, self.device, self.pin, self.verbose = address, device, pin, verbose
+        self.request: dict | None = None
 
-    connect(address, verbose)
-    try:
-        return _drive(cases, out, seed=seed, request=check_resources(cases[0].device, pin), on_start=on_start,
-                      on_record=on_record, verbose=verbose)
-    finally:
+    def __enter__(self) -> Cluster:
+        import ray
+
+        connect(self.address, self.verbose)
+        try:
+            self.request = check_resources(self.device, self.pin)
+        except BaseException:
+            ray.shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
         ray.shutdown()
+
+    def run(self, cases: list[Case], out: Path, *, seed: int, on_start: Callable[[Case], None],
+            on_record: Callable[[Case, dict], None]) -> dict[str, dict[str, int]]:
+        """Measure `cases` (ordered) as Ray tasks, appending each record to `out` as it arrives; returns
+        per-node counts {node: {"ok", "oom", "error"}}."""
+        return _drive(cases, out, seed=seed, request=self.request, on_start=on_start, on_record=on_record,
+                      verbose=self.verbose)
 
 
 def _drive(cases, out, *, seed, request, on_start, on_record, verbose):

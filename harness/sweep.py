@@ -29,6 +29,7 @@ cannot run past them: the sweep is refused), and every model build on the meta d
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
@@ -469,7 +470,9 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
 
     counts = {"ok": 0, "oom": 0, "error": 0}
     started = time.perf_counter()
-    with tqdm(total=len(to_run), unit="case", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    cluster = ray_sweep.Cluster(ray, device, pin, verbose) if ray is not None else contextlib.nullcontext()
+    with cluster, tqdm(total=len(to_run), unit="case", file=sys.stderr, dynamic_ncols=True,
+                       mininterval=0.5) as bar:
         def on_start(case):
             bar.set_postfix_str(f"{counts['ok']} ok {counts['oom']} oom {counts['error']} error | "
                                 f"{case.label()[:50]}", refresh=True)
@@ -483,8 +486,7 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
             run_cases(to_run, out_path, gpu_name=gpu_name, seed=sweep.seed, on_start=on_start,
                       on_record=on_record, echo_stderr=verbose)
         else:
-            nodes = ray_sweep.run_on_ray(to_run, out_path, address=ray, seed=sweep.seed, pin=pin,
-                                         on_start=on_start, on_record=on_record, verbose=verbose)
+            nodes = cluster.run(to_run, out_path, seed=sweep.seed, on_start=on_start, on_record=on_record)
     print(f"sweep {sweep.name}: {sum(counts.values())} measured ({counts['ok']} ok, {counts['oom']} oom, "
           f"{counts['error']} error) -> {out_path}")
     if ray is not None:

@@ -200,8 +200,10 @@ def local_ray(marker):
     from harness.ray_sweep import LOCAL_OBJECT_STORE_BYTES
 
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path, MARKER: marker,
+    # one declared GPU of Ray's kind "H100" (nothing uses it: the resource logic is Ray's, placement is real)
+    ray.init(address="local", num_cpus=2, num_gpus=1, resources={"accelerator_type:H100": 1},
+             include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, MARKER: marker,
                                                             "VRAMCAL_TEST_DELAY_S": "1",
                                                             "VRAMCAL_TEST_CRASH_KEY": "|generate|1|52|4|"}})
     yield ray
@@ -209,12 +211,17 @@ def local_ray(marker):
 
 
 @needs_ray
-def test_a_cluster_without_the_resources_is_refused_before_anything_runs(local_ray):
+def test_tasks_ask_for_a_gpu_of_the_pinned_kind_and_a_kind_not_there_is_refused(local_ray):
     from harness.ray_sweep import check_resources
 
     assert check_resources("cpu", None) == {"num_cpus": 1, "num_gpus": 0}
-    with pytest.raises(UserError, match="the Ray cluster has no GPU"):
-        check_resources("cuda", "H100")
+    pinned = check_resources("cuda", "H100")
+    assert pinned == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "H100"}
+    # Ray places a task with that request on the H100 node, with its GPU
+    gpu_ids = local_ray.get(local_ray.remote(lambda: local_ray.get_gpu_ids()).options(**pinned).remote(), timeout=60)
+    assert len(gpu_ids) == 1
+    with pytest.raises(UserError, match="no node of the Ray cluster has a GPU of kind A100 .* it has: H100"):
+        check_resources("cuda", "A100")
 
 
 @needs_ray
