@@ -64,6 +64,9 @@ def add_workload_args(p: argparse.ArgumentParser, context_required: bool = False
     p.add_argument("--max-cache-len", type=positive_int, default=None,
                    help="static cache: tokens pre-allocated per sequence (default: --context)")
     p.add_argument("--framework", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--compile", choices=("auto", "off"), default="auto",
+                   help="generate's compilation: auto (default), what transformers does: on CUDA a static cache "
+                        "compiles the decode step with CUDA graphs; off: generate(disable_compile=True)")
     p.add_argument("--alloc-conf", default=None, metavar="STR",
                    help="the PYTORCH_CUDA_ALLOC_CONF the run uses, e.g. expandable_segments:True (default: the "
                         "environment's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF; '' for torch's defaults)")
@@ -114,7 +117,8 @@ def workload_from_args(args, spec=None) -> "Workload":
     return Workload(context=args.context, batch=args.batch, new_tokens=new_tokens_from_args(args),
                     workload=args.workload, dtype=args.dtype, quant=quant_from_args(args, spec), kv_dtype=args.kv_dtype,
                     attn=args.attn, cache=args.cache, framework=args.framework,
-                    max_cache_len=args.max_cache_len, alloc_conf=alloc_conf_from_args(args))
+                    max_cache_len=args.max_cache_len, alloc_conf=alloc_conf_from_args(args),
+                    compile=getattr(args, "compile", "off"))
 
 
 def alloc_conf_from_args(args) -> str:

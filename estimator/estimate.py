@@ -117,6 +117,7 @@ class Estimate:
     # and for the trace the transformers version that was traced.
     engine: str = "replay"
     engine_version: str | None = None
+    compiled: bool = False  # generate compiles the decode step (``compiles``): uncalibrated, interval widened
 
     def verdicts(self, gpus: tuple[GPU, ...] | None = None) -> list[dict]:
         """Per GPU: free memory after the estimate and a verdict (fits / tight / does not fit).
@@ -126,7 +127,7 @@ class Estimate:
         """
         rows = []
         for gpu in table_gpus() if gpus is None else gpus:
-            high = bounds(self.total_bytes, self.coefficients, gpu, self.workload.alloc_conf)[1]
+            high = bounds(self.total_bytes, self.coefficients, gpu, self.workload.alloc_conf, self.compiled)[1]
             if high <= gpu.memory_bytes:
                 verdict = "fits"
             elif self.total_bytes <= gpu.memory_bytes:
@@ -168,6 +169,7 @@ class Estimate:
             "beyond_trained_positions": self.beyond_trained_positions,
             "engine": self.engine,
             "engine_version": self.engine_version,
+            "compiled_decode": self.compiled,
         }
 
 
@@ -189,6 +191,31 @@ ALLOC_CONF_ABS_BYTES = 256 * 2**20
 ALLOC_CONF_REL = 0.03
 
 
+# generate(..., cache_implementation="static") on CUDA compiles the decode step (transformers 5.17
+# GenerationMixin._valid_auto_compile_criteria: a compileable cache, no disable_compile, a quantizer whose
+# is_compileable is True; PreTrainedModel.get_compiled_call: not llama4) with CompileConfig's default mode
+# "reduce-overhead": CUDA graphs, whose private memory pool keeps the decode step's high-water mark for as
+# long as the graph lives, plus static copies of the step's inputs and its logits. The replay runs the
+# eager step; none of this is derived without a GPU and no compiled GPU record exists yet, so the interval
+# widens by this stated rule, not by a fit: the low end by COMPILE_LOW_REL (fused kernels may hold less),
+# the high end by COMPILE_HIGH_REL plus COMPILE_ABS_BYTES (the pool, inductor's buffers, autotuning).
+COMPILE_LOW_REL = 0.05
+COMPILE_HIGH_REL = 0.10
+COMPILE_ABS_BYTES = 2**30
+_COMPILEABLE_QUANT = ("torchao", "fp8", "gguf", "compressed", "nvfp4")  # quantizers with is_compileable True
+
+
+def compiles(workload: Workload, model_type: str | None = None) -> bool:
+    """Whether transformers would compile this workload's decode step on a CUDA GPU."""
+    if workload.compile != "auto" or workload.framework != "transformers":
+        return False
+    if workload.workload != "generate" or workload.cache != "static" or workload.new_tokens < 2:
+        return False  # a DynamicCache is not compileable; a single new token never reaches the decode step
+    if model_type and "llama4" in model_type:
+        return False
+    return not workload.quant or workload.quant.startswith(_COMPILEABLE_QUANT)
+
+
 def alloc_conf_calibrated(coefficients: Coefficients, alloc_conf: str) -> bool:
     """Whether ``coefficients`` were fitted under allocator settings that behave as ``alloc_conf``."""
     from estimator.alloc_conf import parse_alloc_conf
@@ -207,7 +234,7 @@ def calibrated_for(coefficients: Coefficients, gpu: GPU | None) -> bool:
 
 
 def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None,
-           alloc_conf: str = "") -> tuple[int, int]:
+           alloc_conf: str = "", compiled: bool = False) -> tuple[int, int]:
     """(low, high) bytes of the interval around ``total`` for ``gpu`` under ``alloc_conf``; widened where
     borrowed (another GPU, other allocator settings)."""
     iv = coefficients.interval
@@ -218,6 +245,9 @@ def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None,
     if not alloc_conf_calibrated(coefficients, alloc_conf):
         low = low * (1 - ALLOC_CONF_REL) - ALLOC_CONF_ABS_BYTES
         high = high * (1 + ALLOC_CONF_REL) + ALLOC_CONF_ABS_BYTES
+    if compiled:
+        low = low * (1 - COMPILE_LOW_REL)
+        high = high * (1 + COMPILE_HIGH_REL) + COMPILE_ABS_BYTES
     return max(round(low), 0), round(high)
 
 
@@ -266,9 +296,10 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
     weights = weights_bytes(spec, workload.dtype, quant)  # parameters, as published counts them
     f = features(spec, workload)
     notes += alloc_conf_notes(coefficients, workload, f)
+    notes += compile_notes(workload, spec.model_type)
     # rotary tables and the like: a few KiB, counted with the overhead
     return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
-                    target, workload.attn, notes, position_note is not None)
+                    target, workload.attn, notes, position_note is not None, model_type=spec.model_type)
 
 
 def calibration_notes(coefficients: Coefficients, target: GPU | None, framework: str) -> list[str]:
@@ -280,6 +311,16 @@ def calibration_notes(coefficients: Coefficients, target: GPU | None, framework:
         return [f"coefficients fitted on {coefficients.gpu} ({coefficients.framework}); {target.name} has none: "
                 f"interval widened by {OTHER_GPU_REL:.0%} + {OTHER_GPU_ABS_BYTES // 2**20} MiB at each end"]
     return []
+
+
+def compile_notes(workload: Workload, model_type: str | None = None) -> list[str]:
+    """The line an estimate of a compiled decode step carries (``compiles``)."""
+    if not compiles(workload, model_type):
+        return []
+    return [f"static cache with --compile auto: on CUDA generate compiles the decode step (CUDA graphs, "
+            f"mode reduce-overhead); its graph pool and static buffers are not modelled (uncalibrated): interval "
+            f"widened by -{COMPILE_LOW_REL:.0%} / +{COMPILE_HIGH_REL:.0%} + {COMPILE_ABS_BYTES // 2**30} GiB "
+            f"(--compile off estimates generate(disable_compile=True))"]
 
 
 CACHED_NOTE_BYTES = 2**30  # cached segments beyond the needed reserve worth a note
@@ -311,13 +352,14 @@ def alloc_conf_notes(coefficients: Coefficients, workload: Workload, features=No
 
 def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], buffers: int, num_parameters: int,
              coefficients: Coefficients, target: GPU | None, attn: str, notes, beyond_positions: bool,
-             engine: str = "replay", engine_version: str | None = None) -> Estimate:
+             engine: str = "replay", engine_version: str | None = None, model_type: str | None = None) -> Estimate:
     """The Estimate of either engine from its exact features ``f`` (``kv_final_bytes``, ``sim_*``)."""
     parts = predict_parts(weights, f, coefficients.for_attn(attn))
     total = round(parts["total"] + buffers)
     kv = f.get("kv_final_bytes", 0)
     overhead = round(parts["overhead"] + buffers)
-    low, high = bounds(total, coefficients, target, workload.alloc_conf)
+    compiled = compiles(workload, model_type)
+    low, high = bounds(total, coefficients, target, workload.alloc_conf, compiled)
     return Estimate(
         model=name,
         workload=workload,
@@ -339,6 +381,7 @@ def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], 
         beyond_trained_positions=beyond_positions,
         engine=engine,
         engine_version=engine_version,
+        compiled=compiled,
     )
 
 

@@ -19,6 +19,10 @@ from estimator.records import case_key
 DEVICES = ("cuda", "cpu")
 WORKLOADS = ("generate", "forward")
 CACHES = ("dynamic", "static")
+# generate's compilation: "auto" is what transformers 5.17 does (GenerationMixin._valid_auto_compile_criteria:
+# on CUDA a compileable cache, i.e. a static one, compiles the decode step with CompileConfig's default mode
+# "reduce-overhead", CUDA graphs); "off" passes disable_compile=True (how the reference records were measured)
+COMPILES = ("auto", "off")
 ATTNS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DTYPES = {  # accepted spelling -> canonical torch dtype name
     "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -156,6 +160,7 @@ class Case:
     alloc_conf: str = ""
     framework: str = "transformers"
     memory_limit_bytes: int | None = None
+    compile: str = "off"
 
     def __post_init__(self):
         _choice("device", self.device, DEVICES)
@@ -195,6 +200,9 @@ class Case:
         object.__setattr__(self, "alloc_conf", parse_alloc_conf(self.alloc_conf).text)
         if self.device == "cpu":  # the CUDA allocator's config means nothing on the CPU
             object.__setattr__(self, "alloc_conf", "")
+        _choice("compile", self.compile, COMPILES)
+        if self.workload == "forward":  # one model call, no generate: nothing to compile
+            object.__setattr__(self, "compile", "off")
 
     @classmethod
     def make(cls, model: str, *, context: int, new_tokens: int | None = None, workload: str = "generate",
@@ -240,6 +248,7 @@ class Case:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "alloc_conf": self.alloc_conf,
+            "compile": self.compile,
         }
 
     def key(self, gpu_name: str | None = None) -> str:
@@ -247,8 +256,11 @@ class Case:
 
     # A worker process serves one (device, alloc_conf, model): the allocator config is fixed at CUDA
     # init, and one process per model is how the reference records were measured.
+    # A case that may compile on CUDA gets a process of its own: compiled graphs and their memory pools
+    # outlive the case (NVML grew from 15.8 to 33.7 GiB over four later cases in one process, issue 11).
     def process_group(self) -> tuple:
-        return (self.device, self.alloc_conf, self.framework, self.model, self.source, self.memory_limit_bytes)
+        alone = (self.key(),) if self.compile == "auto" and self.device == "cuda" else ()
+        return (self.device, self.alloc_conf, self.framework, self.model, self.source, self.memory_limit_bytes) + alone
 
     # Within a process the model is built once per (dtype, attention, quantization).
     def build_group(self) -> tuple:
@@ -265,6 +277,8 @@ class Case:
         parts += [f"b{self.batch}", tokens]
         if self.alloc_conf:
             parts.append(f"[{self.alloc_conf}]")
+        if self.compile == "auto":
+            parts.append("compile:auto")
         return " ".join(parts)
 
     def read_config(self) -> dict:

@@ -30,6 +30,10 @@ def register(subparsers) -> None:
                                                   "bnb-fp4, fp8-block (default: none)")
     p.add_argument("--alloc-conf", default=None,
                    help="PYTORCH_CUDA_ALLOC_CONF for the measuring process (default: as in this environment)")
+    p.add_argument("--compile", choices=("auto", "off"), default="off",
+                   help="generate's compilation: auto, what transformers does (on CUDA a static cache compiles the "
+                        "decode step with CUDA graphs; the case runs in a fresh process), or off, "
+                        "disable_compile=True (default, as the reference records)")
     p.add_argument("--memory-limit-bytes", type=int, default=None,
                    help="cap the case's memory (cuda: memory fraction; cpu: tracker limit) to provoke an OOM")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +81,7 @@ def _measure(args: argparse.Namespace) -> int:
     case = Case.make(args.model, device=args.device, dtype=args.dtype, attn=args.attn, cache=args.cache,
                      workload=args.workload, context=args.context, batch=args.batch,
                      new_tokens=args.new_tokens, quant=args.quant, alloc_conf=alloc_conf,
-                     memory_limit_bytes=args.memory_limit_bytes)
+                     memory_limit_bytes=args.memory_limit_bytes, compile=args.compile)
     note = check_positions(case)
     out = check_output_file(args.out, "--out")
     existing = existing_records(out)

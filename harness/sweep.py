@@ -37,7 +37,7 @@ from estimator.compare import MEASURED, comparable_bytes
 from estimator.errors import UserError, require_extra
 from estimator.paths import check_output_file
 from estimator.records import case_key, read_records
-from harness.case import ATTNS, CACHES, DEVICES, WORKLOADS, Case, check_positions, normalize_dtype
+from harness.case import ATTNS, CACHES, COMPILES, DEVICES, WORKLOADS, Case, check_positions, normalize_dtype
 
 GIB = 2**30
 
@@ -53,9 +53,10 @@ AXES: dict[str, tuple[type, tuple]] = {
     "new_tokens": (int, (16,)),
     "alloc_conf": (str, ("",)),
     "quant": (str, ("none",)),
+    "compile": (str, ("off",)),
 }
 SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed")
-_CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS}
+_CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS, "compile": COMPILES}
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Matrix:
     new_tokens: tuple[int, ...]
     alloc_conf: tuple[str, ...]
     quant: tuple[str, ...]
+    compile: tuple[str, ...] = ("off",)
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,9 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
     cases: dict[tuple, Case] = {}
     left_out = 0
     for m in sweep.matrices:
-        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant in itertools.product(
+        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant, comp in itertools.product(
             m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches, m.new_tokens,
-            m.alloc_conf, m.quant,
+            m.alloc_conf, m.quant, m.compile,
         ):
             if workload == "forward":
                 cache, new = None, 0
@@ -180,7 +182,7 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
                 continue
             case = Case.make(model, device=device, dtype=dtype, attn=attn, cache=cache, workload=workload,
                              context=context, batch=batch, new_tokens=new, alloc_conf=alloc, quant=quant,
-                             memory_limit_bytes=sweep.memory_limit_bytes)
+                             memory_limit_bytes=sweep.memory_limit_bytes, compile=comp)
             cases.setdefault(case.key(), case)
     return list(cases.values()), left_out
 
@@ -227,7 +229,7 @@ class EstimateFilter:
             workload = Workload(context=case.context, batch=case.batch, new_tokens=case.new_tokens,
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
                                 attn=case.attn, cache=case.cache or "dynamic", framework=case.framework,
-                                alloc_conf=case.alloc_conf)
+                                alloc_conf=case.alloc_conf, compile=case.compile)
             return comparable_bytes(estimate(self._specs[case.source], workload), self.device)
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
             self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "
