@@ -304,6 +304,11 @@ def _search_setup(args):
     return spec, gpu, workload
 
 
+def _allocator_tag(workload) -> str:
+    """", allocator SETTINGS" for a search's answer line under non-default allocator settings."""
+    return f", allocator {workload.alloc_conf}" if workload.alloc_conf else ""
+
+
 def cmd_max_context(args) -> int:
     from estimator.engines import engine_line, max_context
 
@@ -318,7 +323,7 @@ def cmd_max_context(args) -> int:
         return 0
     note = " (the model's maximum positions)" if result["limited_by"] == "model" else ""
     print(f"{spec.name} on {gpu.name} at batch {args.batch}: max context {result['max_context']:,} tokens{note}"
-          f"  [{'point estimate' if args.point else 'interval high end'}]")
+          f"  [{'point estimate' if args.point else 'interval high end'}{_allocator_tag(workload)}]")
     print(engine_line(result["engine"], result["seconds"], result["engine_version"], result["probes"]))
     return 0
 
@@ -338,7 +343,7 @@ def cmd_max_batch(args) -> int:
         print(f"{spec.name} does not fit {gpu.name} at context {args.context:,} even with batch 1")
         return 0
     print(f"{spec.name} on {gpu.name} at context {args.context:,}: max batch {result['max_batch']:,}"
-          f"  [{'point estimate' if args.point else 'interval high end'}]")
+          f"  [{'point estimate' if args.point else 'interval high end'}{_allocator_tag(workload)}]")
     print(engine_line(result["engine"], result["seconds"], result["engine_version"], result["probes"]))
     return 0
 
