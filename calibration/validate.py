@@ -108,7 +108,7 @@ def predict_with(coefficients_for, df):
         t = round(parts["total"] + buffers)
         total.append(t)
         # the shipped interval: widened where the record's allocator settings are not the coefficients'
-        lo, hi = bounds(t, coef, None, row.get("alloc_conf") or "")
+        lo, hi = bounds(t, coef, None, row.get("alloc_conf") or "", bool(row.get("compiled")))
         low.append(lo)
         high.append(hi)
         alloc.append(parts["allocated"] + buffers)

@@ -64,6 +64,9 @@ def add_workload_args(p: argparse.ArgumentParser, context_required: bool = False
     p.add_argument("--max-cache-len", type=positive_int, default=None,
                    help="static cache: tokens pre-allocated per sequence (default: --context)")
     p.add_argument("--framework", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--compile", choices=("auto", "off"), default="auto",
+                   help="generate's compilation: auto (default), what transformers does: on CUDA a static cache "
+                        "compiles the decode step with CUDA graphs; off: generate(disable_compile=True)")
     p.add_argument("--alloc-conf", default=None, metavar="STR",
                    help="the PYTORCH_CUDA_ALLOC_CONF the run uses, e.g. expandable_segments:True (default: the "
                         "environment's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF; '' for torch's defaults)")
@@ -118,7 +121,7 @@ def workload_from_args(args, spec=None) -> "Workload":
                     workload=args.workload, dtype=args.dtype, quant=quant_from_args(args, spec), kv_dtype=args.kv_dtype,
                     attn=args.attn, cache=args.cache, framework=args.framework,
                     max_cache_len=args.max_cache_len, alloc_conf=alloc_conf_from_args(args),
-                    lora=lora_from_args(args))
+                    lora=lora_from_args(args), compile=getattr(args, "compile", "off"))
 
 
 def alloc_conf_from_args(args) -> str:
@@ -318,6 +321,11 @@ def _search_setup(args):
     return spec, gpu, workload
 
 
+def _allocator_tag(workload) -> str:
+    """", allocator SETTINGS" for a search's answer line under non-default allocator settings."""
+    return f", allocator {workload.alloc_conf}" if workload.alloc_conf else ""
+
+
 def cmd_max_context(args) -> int:
     from estimator import multigpu_cli
     from estimator.engines import engine_line, max_context
@@ -335,7 +343,7 @@ def cmd_max_context(args) -> int:
         return 0
     note = " (the model's maximum positions)" if result["limited_by"] == "model" else ""
     print(f"{spec.name} on {gpu.name} at batch {args.batch}: max context {result['max_context']:,} tokens{note}"
-          f"  [{'point estimate' if args.point else 'interval high end'}]")
+          f"  [{'point estimate' if args.point else 'interval high end'}{_allocator_tag(workload)}]")
     print(engine_line(result["engine"], result["seconds"], result["engine_version"], result["probes"]))
     return 0
 
@@ -358,7 +366,7 @@ def cmd_max_batch(args) -> int:
         print(f"{spec.name} does not fit {gpu.name} at context {args.context:,} even with batch 1")
         return 0
     print(f"{spec.name} on {gpu.name} at context {args.context:,}: max batch {result['max_batch']:,}"
-          f"  [{'point estimate' if args.point else 'interval high end'}]")
+          f"  [{'point estimate' if args.point else 'interval high end'}{_allocator_tag(workload)}]")
     print(engine_line(result["engine"], result["seconds"], result["engine_version"], result["probes"]))
     return 0
 

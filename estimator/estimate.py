@@ -120,6 +120,8 @@ class Estimate:
     # Bytes each end of the interval moves out by, beyond the calibration's interval, for parts of the
     # estimate no measurement has calibrated (estimator/lora.py: LORA_WIDEN); stated in ``notes``.
     widen_bytes: int = 0
+    compiled: bool = False  # generate compiles the decode step (``compiles``): uncalibrated, interval widened
+    high_extra_bytes: int = 0  # added to the interval's high end for a known, unexplained miss (``awq_tied_extra``)
 
     def verdicts(self, gpus: tuple[GPU, ...] | None = None) -> list[dict]:
         """Per GPU: free memory after the estimate and a verdict (fits / tight / does not fit).
@@ -129,8 +131,9 @@ class Estimate:
         """
         rows = []
         for gpu in table_gpus() if gpus is None else gpus:
-            high = bounds(self.total_bytes, self.coefficients, gpu, self.workload.alloc_conf,
+            high = bounds(self.total_bytes, self.coefficients, gpu, self.workload.alloc_conf, self.compiled,
                           self.widen_bytes)[1]
+            high += self.high_extra_bytes
             if high <= gpu.memory_bytes:
                 verdict = "fits"
             elif self.total_bytes <= gpu.memory_bytes:
@@ -174,6 +177,7 @@ class Estimate:
             "engine_version": self.engine_version,
             "widen_bytes": self.widen_bytes,
             **_extra_rows(self.features),
+            "compiled_decode": self.compiled,
         }
 
 
@@ -193,6 +197,31 @@ OTHER_GPU_REL = 0.03
 # a few 20 MiB pages; max_split_size_mb can add GiBs, which the replay counts). Tested in test_alloc_conf.py.
 ALLOC_CONF_ABS_BYTES = 256 * 2**20
 ALLOC_CONF_REL = 0.03
+
+
+# generate(..., cache_implementation="static") on CUDA compiles the decode step (transformers 5.17
+# GenerationMixin._valid_auto_compile_criteria: a compileable cache, no disable_compile, a quantizer whose
+# is_compileable is True; PreTrainedModel.get_compiled_call: not llama4) with CompileConfig's default mode
+# "reduce-overhead": CUDA graphs, whose private memory pool keeps the decode step's high-water mark for as
+# long as the graph lives, plus static copies of the step's inputs and its logits. The replay runs the
+# eager step; none of this is derived without a GPU and no compiled GPU record exists yet, so the interval
+# widens by this stated rule, not by a fit: the low end by COMPILE_LOW_REL (fused kernels may hold less),
+# the high end by COMPILE_HIGH_REL plus COMPILE_ABS_BYTES (the pool, inductor's buffers, autotuning).
+COMPILE_LOW_REL = 0.05
+COMPILE_HIGH_REL = 0.10
+COMPILE_ABS_BYTES = 2**30
+_COMPILEABLE_QUANT = ("torchao", "fp8", "gguf", "compressed", "nvfp4")  # quantizers with is_compileable True
+
+
+def compiles(workload: Workload, model_type: str | None = None) -> bool:
+    """Whether transformers would compile this workload's decode step on a CUDA GPU."""
+    if workload.compile != "auto" or workload.framework != "transformers":
+        return False
+    if workload.workload != "generate" or workload.cache != "static" or workload.new_tokens < 2:
+        return False  # a DynamicCache is not compileable; a single new token never reaches the decode step
+    if model_type and "llama4" in model_type:
+        return False
+    return not workload.quant or workload.quant.startswith(_COMPILEABLE_QUANT)
 
 
 def alloc_conf_calibrated(coefficients: Coefficients, alloc_conf: str) -> bool:
@@ -220,7 +249,7 @@ def _extra_rows(f: Mapping[str, int]) -> dict[str, int]:
 
 
 def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None,
-           alloc_conf: str = "", widen: int = 0) -> tuple[int, int]:
+           alloc_conf: str = "", compiled: bool = False, widen: int = 0) -> tuple[int, int]:
     """(low, high) bytes of the interval around ``total`` for ``gpu`` under ``alloc_conf``; widened where
     borrowed (another GPU, other allocator settings), and by ``widen`` bytes at each end for uncalibrated
     parts."""
@@ -232,6 +261,9 @@ def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None,
     if not alloc_conf_calibrated(coefficients, alloc_conf):
         low = low * (1 - ALLOC_CONF_REL) - ALLOC_CONF_ABS_BYTES
         high = high * (1 + ALLOC_CONF_REL) + ALLOC_CONF_ABS_BYTES
+    if compiled:
+        low = low * (1 - COMPILE_LOW_REL)
+        high = high * (1 + COMPILE_HIGH_REL) + COMPILE_ABS_BYTES
     return max(round(low), 0), round(high)
 
 
@@ -289,9 +321,14 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
         weights += f["lora_weights_bytes"]
         note, widen = lora.note(workload.lora, f)
         notes.append(note)
+    notes += compile_notes(workload, spec.model_type)
+    extra, awq_note = awq_tied_extra(spec, workload)
+    if awq_note:
+        notes.append(awq_note)
     # rotary tables and the like: a few KiB, counted with the overhead
     return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
-                    target, workload.attn, notes, position_note is not None, widen=widen)
+                    target, workload.attn, notes, position_note is not None, model_type=spec.model_type,
+                    high_extra_bytes=extra, widen=widen)
 
 
 def calibration_notes(coefficients: Coefficients, target: GPU | None, framework: str) -> list[str]:
@@ -303,6 +340,35 @@ def calibration_notes(coefficients: Coefficients, target: GPU | None, framework:
         return [f"coefficients fitted on {coefficients.gpu} ({coefficients.framework}); {target.name} has none: "
                 f"interval widened by {OTHER_GPU_REL:.0%} + {OTHER_GPU_ABS_BYTES // 2**20} MiB at each end"]
     return []
+
+
+def awq_tied_extra(spec: ModelSpec, workload: Workload) -> tuple[int, str | None]:
+    """(bytes added to the high end, the note) for AWQ weights on a model with tied embeddings.
+
+    Qwen's published Qwen2.5 table (benchmarks/qwen25_quant.py; AutoAWQ 0.2.6, transformers 4.46) has the AWQ
+    checkpoints of the tied-embedding sizes (0.5B, 1.5B, 3B) 20-27% above this estimate's allocated peak at a
+    1-token input, about 0.8 x the embedding's bytes, while GPTQ of the same models, AWQ at 6k-30k inputs and
+    AWQ of the untied sizes agree within a few percent. The mechanism is not identified (not a persistent
+    copy: the long-input rows would show it), so it is not modelled: the high end rises by one embedding."""
+    from estimator.dtypes import dtype_bytes
+
+    quant = workload.quant or ""
+    if workload.framework != "transformers" or not quant.startswith("awq") or not spec.tie_word_embeddings:
+        return 0, None
+    extra = int(spec.vocab_size * spec.hidden_size * dtype_bytes(workload.dtype))
+    return extra, (f"{quant} with tied embeddings: published AutoAWQ figures (Qwen2.5 0.5B-3B) run up to 27% above "
+                   f"this estimate at short inputs (mechanism not identified): interval high end raised by the "
+                   f"embedding's {extra / 2**30:,.2f} GiB")
+
+
+def compile_notes(workload: Workload, model_type: str | None = None) -> list[str]:
+    """The line an estimate of a compiled decode step carries (``compiles``)."""
+    if not compiles(workload, model_type):
+        return []
+    return [f"static cache with --compile auto: on CUDA generate compiles the decode step (CUDA graphs, "
+            f"mode reduce-overhead); its graph pool and static buffers are not modelled (uncalibrated): interval "
+            f"widened by -{COMPILE_LOW_REL:.0%} / +{COMPILE_HIGH_REL:.0%} + {COMPILE_ABS_BYTES // 2**30} GiB "
+            f"(--compile off estimates generate(disable_compile=True))"]
 
 
 CACHED_NOTE_BYTES = 2**30  # cached segments beyond the needed reserve worth a note
@@ -334,13 +400,16 @@ def alloc_conf_notes(coefficients: Coefficients, workload: Workload, features=No
 
 def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], buffers: int, num_parameters: int,
              coefficients: Coefficients, target: GPU | None, attn: str, notes, beyond_positions: bool,
-             engine: str = "replay", engine_version: str | None = None, widen: int = 0) -> Estimate:
+             engine: str = "replay", engine_version: str | None = None, model_type: str | None = None,
+             high_extra_bytes: int = 0, widen: int = 0) -> Estimate:
     """The Estimate of either engine from its exact features ``f`` (``kv_final_bytes``, ``sim_*``)."""
     parts = predict_parts(weights, f, coefficients.for_attn(attn))
     total = round(parts["total"] + buffers)
     kv = f.get("kv_final_bytes", 0)
     overhead = round(parts["overhead"] + buffers)
-    low, high = bounds(total, coefficients, target, workload.alloc_conf, widen)
+    compiled = compiles(workload, model_type)
+    low, high = bounds(total, coefficients, target, workload.alloc_conf, compiled, widen)
+    high += high_extra_bytes
     return Estimate(
         model=name,
         workload=workload,
@@ -363,6 +432,8 @@ def assemble(name: str, workload: Workload, weights: int, f: Mapping[str, int], 
         engine=engine,
         engine_version=engine_version,
         widen_bytes=widen,
+        compiled=compiled,
+        high_extra_bytes=high_extra_bytes,
     )
 
 

@@ -38,9 +38,12 @@ CASE_KEY_FIELDS = (
     "prompt_tokens",
     "new_tokens",
     "alloc_conf",
+    "compile",
 )
 # Fields a case description may leave out; they take these values (null = none / not applicable).
-_KEY_DEFAULTS = {"gpu_name": None, "quantization": None, "cache_implementation": None, "alloc_conf": ""}
+_KEY_DEFAULTS = {"gpu_name": None, "quantization": None, "cache_implementation": None, "alloc_conf": "",
+                 "compile": "off"}  # records before issue 11 were all measured with disable_compile=True
+_APPENDED = ("compile",)
 # Fields added later, in the key only where they differ from their default ("|device_map=auto|gpus=2"),
 # so the keys of every record measured before them stay what they were (a rerun still resumes).
 OPTIONAL_KEY_FIELDS = {"device_map": None, "gpus": 1}
@@ -65,6 +68,8 @@ def case_key(case) -> str:
             value = _KEY_DEFAULTS[field]
         else:
             raise UserError(f"cannot make a case key: the case has no {field!r} field")
+        if field in _APPENDED and value == _KEY_DEFAULTS[field]:
+            continue  # a field added later is left out at its default: older keys stay what they were
         parts.append("-" if value is None or value == "" else str(value))
     if case.get("lora"):  # LoRA cases (harness/lora.py) only: every other key stays as it was
         parts.append(f"lora={case['lora']}")

@@ -23,6 +23,7 @@ WORKLOADS = ("generate", "forward")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 FRAMEWORKS = ("transformers", "vllm")
+COMPILE_MODES = ("auto", "off")  # generate's compilation: what transformers does, or disable_compile=True
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Workload:
     max_cache_len: int | None = None  # static cache: tokens pre-allocated per sequence (default: context)
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF, canonical (estimator/alloc_conf.py); "" for the defaults
     lora: LoraSpec | None = None  # peft LoRA adapters loaded (estimator/lora.py)
+    compile: str = "off"  # "auto": generate compiles where transformers would (estimator/estimate.py compiles)
 
     def __post_init__(self):
         for name in ("context", "batch"):
@@ -54,6 +56,7 @@ class Workload:
         _check_choice("attn", self.attn, ATTN_IMPLEMENTATIONS)
         _check_choice("cache", self.cache, CACHE_IMPLEMENTATIONS)
         _check_choice("framework", self.framework, FRAMEWORKS)
+        _check_choice("compile", self.compile, COMPILE_MODES)
         _check_size("context", self.context)
         _check_size("batch", self.batch)
         if self.max_cache_len is not None:
@@ -113,6 +116,7 @@ class Workload:
             cache=record.get("cache_implementation") or "dynamic",
             framework=record.get("framework") or "transformers",
             alloc_conf=record.get("alloc_conf") or "",
+            compile=record.get("compile") or "off",  # records before issue 11: disable_compile=True
         )
 
     def as_dict(self) -> dict:
@@ -131,6 +135,7 @@ class Workload:
             "max_cache_len": self.max_cache_len,
             "alloc_conf": self.alloc_conf,
             "lora": self.lora.as_dict() if self.lora else None,
+            "compile": self.compile,
         }
 
 

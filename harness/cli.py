@@ -30,6 +30,10 @@ def register(subparsers) -> None:
                                                   "bnb-fp4, fp8-block (default: none)")
     p.add_argument("--alloc-conf", default=None,
                    help="PYTORCH_CUDA_ALLOC_CONF for the measuring process (default: as in this environment)")
+    p.add_argument("--compile", choices=("auto", "off"), default="off",
+                   help="generate's compilation: auto, what transformers does (on CUDA a static cache compiles the "
+                        "decode step with CUDA graphs; the case runs in a fresh process), or off, "
+                        "disable_compile=True (default, as the reference records)")
     p.add_argument("--memory-limit-bytes", type=int, default=None,
                    help="cap the case's memory (cuda: memory fraction; cpu: tracker limit) to provoke an OOM")
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "balanced_low_0", "sequential"),
@@ -90,7 +94,8 @@ def _measure(args: argparse.Namespace) -> int:
                      new_tokens=args.new_tokens, quant=args.quant, alloc_conf=alloc_conf,
                      memory_limit_bytes=args.memory_limit_bytes,
                      device_map=args.device_map or ("auto" if (args.gpus or 1) > 1 else None),
-                     gpus=1 if args.gpus is None else args.gpus, lora=_lora_text(args))
+                     gpus=1 if args.gpus is None else args.gpus, lora=_lora_text(args),
+                     compile=args.compile)
     note = check_positions(case)
     out = check_output_file(args.out, "--out")
     existing = existing_records(out)

@@ -41,7 +41,8 @@ from estimator.compare import MEASURED, comparable_bytes
 from estimator.errors import UserError, require_extra
 from estimator.paths import check_output_file
 from estimator.records import case_key, read_records
-from harness.case import ATTNS, CACHES, DEVICE_MAPS, DEVICES, MAX_GPUS, WORKLOADS, Case, check_positions, normalize_dtype
+from harness.case import (ATTNS, CACHES, COMPILES, DEVICE_MAPS, DEVICES, MAX_GPUS, WORKLOADS, Case, check_positions,
+                          normalize_dtype)
 
 GIB = 2**30
 
@@ -58,10 +59,11 @@ AXES: dict[str, tuple[type, tuple]] = {
     "alloc_conf": (str, ("",)),
     "quant": (str, ("none",)),
     "lora": (str, ("",)),  # peft LoRA adapters, harness/lora.py's text ("r16:q_proj+v_proj:x1:float32"); "": none
+    "compile": (str, ("off",)),
 }
 SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed",
             "gpus", "device_map")
-_CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS}
+_CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS, "compile": COMPILES}
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Matrix:
     alloc_conf: tuple[str, ...]
     quant: tuple[str, ...]
     lora: tuple[str, ...] = ("",)
+    compile: tuple[str, ...] = ("off",)
 
 
 @dataclass(frozen=True)
@@ -196,9 +199,9 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
     cases: dict[tuple, Case] = {}
     left_out = 0
     for m in sweep.matrices:
-        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant, lora in itertools.product(
+        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant, lora, comp in itertools.product(
             m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches, m.new_tokens,
-            m.alloc_conf, m.quant, m.lora,
+            m.alloc_conf, m.quant, m.lora, m.compile,
         ):
             if workload == "forward":
                 cache, new = None, 0
@@ -208,7 +211,7 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
             case = Case.make(model, device=device, dtype=dtype, attn=attn, cache=cache, workload=workload,
                              context=context, batch=batch, new_tokens=new, alloc_conf=alloc, quant=quant,
                              memory_limit_bytes=sweep.memory_limit_bytes, device_map=sweep.device_map,
-                             gpus=sweep.gpus, lora=lora or None)
+                             gpus=sweep.gpus, lora=lora or None, compile=comp)
             cases.setdefault(case.key(), case)
     return list(cases.values()), left_out
 
@@ -256,7 +259,7 @@ class EstimateFilter:
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
                                 attn=case.attn, cache=case.cache or "dynamic", framework=case.framework,
                                 alloc_conf=case.alloc_conf,
-                                lora=_lora_of(case))
+                                lora=_lora_of(case), compile=case.compile)
             return comparable_bytes(estimate(self._specs[case.source], workload), self.device)
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
             self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "

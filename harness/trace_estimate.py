@@ -125,7 +125,7 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     notes this mirrors (positions, calibration)."""
     import transformers
 
-    from estimator.estimate import alloc_conf_notes, assemble, calibration_notes
+    from estimator.estimate import alloc_conf_notes, assemble, calibration_notes, compile_notes
     from estimator.positions import check_context
 
     attn = run.result.attn
@@ -138,6 +138,7 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     notes += calibration_notes(coefficients, gpu, workload.framework)
     f = simulate_events(run.tracker, alloc_conf=workload.alloc_conf)
     notes += alloc_conf_notes(coefficients, workload, f)
+    notes += compile_notes(workload, run.result.model_type)
     f["kv_final_bytes"] = run.cache_nbytes
     f["trace_peak_allocated_bytes"] = run.result.peak_allocated_bytes  # the tracker's own peak (512-byte blocks)
     widen = 0
@@ -154,7 +155,7 @@ def estimate_from_trace(run: TraceRun, name: str, workload: Workload, coefficien
     # buffers: rotary tables and the like, counted with the overhead as in the replay
     return assemble(name, workload, run.parameter_bytes, f, run.buffer_bytes, run.num_parameters, coefficients,
                     gpu, attn, notes, position_note is not None, engine=ENGINE,
-                    engine_version=transformers.__version__, widen=widen)
+                    engine_version=transformers.__version__, widen=widen, model_type=run.result.model_type)
 
 
 def trace_estimate(config: dict, name: str, workload: Workload, coefficients: Coefficients | None = None,

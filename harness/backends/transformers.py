@@ -4,8 +4,11 @@ Random weights from a config are built directly on the device (`with torch.devic
 not depend on weight values. A checkpoint folder is loaded with `from_pretrained`, quantized at load
 time when the case asks for it.
 
-Static caches are run eagerly (`disable_compile=True`): on CUDA, transformers would otherwise compile
-the decoding step, which takes minutes per shape and adds CUDA-graph pools that are not the cache.
+`case.compile`: "off" runs static caches eagerly (`disable_compile=True`, as the reference records);
+"auto" leaves the choice to transformers (`GenerationMixin._valid_auto_compile_criteria`: on CUDA with a
+compileable cache it compiles the decode step, mode "reduce-overhead", CUDA graphs), and `Run.compiled` says
+whether it did: `get_compiled_call` keeps the compiled callable as `model._compiled_call`, dropped here
+before each generate so that its presence after it means this case compiled.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class Run:
     output: object  # kept alive until the caller has read device memory
     kv_cache_bytes: int | None
     cache_class: str | None
+    compiled: bool = False  # transformers compiled the decode step (case.compile "auto" on CUDA, static cache)
 
 
 def run(model, case, device: str, seed: int = 0) -> Run:
@@ -137,6 +141,7 @@ def run(model, case, device: str, seed: int = 0) -> Run:
         if pad is None:
             eos = generation_config.eos_token_id
             pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        model.__dict__.pop("_compiled_call", None)
         output = model.generate(
             input_ids,
             attention_mask=attention_mask,
@@ -145,17 +150,18 @@ def run(model, case, device: str, seed: int = 0) -> Run:
             do_sample=False,
             num_beams=1,
             cache_implementation=case.cache,
-            disable_compile=True,
+            disable_compile=getattr(case, "compile", "off") != "auto",
             return_dict_in_generate=True,
             pad_token_id=pad,
         )
     produced = output.sequences.shape[-1] - case.prompt_tokens
     if produced != case.new_tokens:
         raise RuntimeError(f"generate produced {produced} new tokens, not {case.new_tokens}")
+    compiled = "_compiled_call" in model.__dict__
     cache = getattr(output, "past_key_values", None)
     if cache is None:
-        return Run(output, None, None)
-    return Run(output, cache_bytes(cache), type(cache).__name__)
+        return Run(output, None, None, compiled)
+    return Run(output, cache_bytes(cache), type(cache).__name__, compiled)
 
 
 def cache_bytes(cache) -> int:

@@ -282,6 +282,8 @@ def test_cli_alloc_conf_option_environment_and_bad_input():
     assert json.loads(r.stdout)["inputs"]["alloc_conf"] == ES
     r = vramcal("estimate", "qwen2.5-0.5b", env={"PYTORCH_CUDA_ALLOC_CONF": ES})
     assert r.returncode == 0 and f"allocator {ES}" in r.stdout
+    r = vramcal("max-batch", "qwen2.5-0.5b", "--gpu", "L4", "--context", "1024", "--alloc-conf", ES)
+    assert r.returncode == 0 and f"allocator {ES}]" in r.stdout, r.stderr
     r = vramcal("max-batch", "qwen2.5-0.5b", "--gpu", "L4", "--context", "1024", "--alloc-conf", "max_split_size_mb:8")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "max_split_size_mb" in r.stderr
     r = vramcal("max-context", "qwen2.5-0.5b", "--gpu", "L4", env={"PYTORCH_ALLOC_CONF": "expandable_segments:1"})

@@ -103,7 +103,9 @@ def test_case_key_format_and_fields():
     assert case_key(changed) != case_key(rec)
     assert case_key(dict(rec, duration_s=99, torch_version="x", config={})) == case_key(rec)  # not in the key
     assert case_key(dict(rec, alloc_conf=None)) == case_key(rec)  # unset either way
-    assert len(CASE_KEY_FIELDS) == 13
+    assert case_key(dict(rec, compile="off")) == case_key(rec)  # the default, left out: older keys hold
+    assert case_key(dict(rec, compile="auto")) == case_key(rec) + "|auto"
+    assert len(CASE_KEY_FIELDS) == 14
 
 
 def test_case_key_of_a_case_matches_its_record():
@@ -263,7 +265,10 @@ def test_shipped_sweeps_parse_and_cover_the_campaign():
     assert {c.dtype for c in cal_cases} == {"bfloat16", "float16", "float32"}
     assert {c.attn for c in cal_cases} == {"sdpa", "eager"}
     assert {c.cache for c in cal_cases} == {"dynamic", "static", None}
-    assert {"", "expandable_segments:True"} <= {c.alloc_conf for c in cal_cases}
+    assert {c.alloc_conf for c in cal_cases} == {"", "expandable_segments:True", "max_split_size_mb:512",
+                                                 "roundup_power2_divisions:4",
+                                                 "expandable_segments:True,max_split_size_mb:512"}
+    assert {c.compile for c in cal_cases if c.cache == "static"} == {"auto", "off"}  # issue 11
     assert max(c.new_tokens for c in cal_cases) >= 512 and max(c.context for c in cal_cases) >= 32768
     # the smoke sweep repeats reference cases exactly, for the 2% cross-check
     reference = {case_key(r) for r in reference_records()}
