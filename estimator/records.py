@@ -65,6 +65,10 @@ def case_key(case) -> str:
         parts.append("-" if value is None or value == "" else str(value))
     if case.get("lora"):  # LoRA cases (harness/lora.py) only: every other key stays as it was
         parts.append(f"lora={case['lora']}")
+    if case.get("assistant"):  # assisted generation (harness/assisted.py)
+        parts.append(f"assistant={case['assistant']}:k{case.get('num_assistant_tokens')}")
+    if case.get("prompt_lookup_num_tokens"):
+        parts.append(f"prompt_lookup={case['prompt_lookup_num_tokens']}")
     return "|".join(parts)
 
 

@@ -157,6 +157,11 @@ class Case:
     framework: str = "transformers"
     memory_limit_bytes: int | None = None
     lora: str | None = None  # peft LoRA adapters, canonical text (harness/lora.py: to_text / from_text)
+    # assisted generation (generate(assistant_model=...)): the draft model's source (as `source`) and the
+    # candidate tokens per step; or prompt lookup decoding (no second model). harness/assisted.py.
+    assistant: str | None = None
+    num_assistant_tokens: int | None = None
+    prompt_lookup_num_tokens: int | None = None
 
     def __post_init__(self):
         _choice("device", self.device, DEVICES)
@@ -190,6 +195,10 @@ class Case:
             raise UserError(f"memory_limit_bytes must be > 0, not {self.memory_limit_bytes}")
         if not isinstance(self.alloc_conf, str):
             raise UserError(f"alloc_conf must be a string, not {self.alloc_conf!r}")
+        if self.assistant is not None or self.prompt_lookup_num_tokens is not None or self.num_assistant_tokens:
+            from harness.assisted import check_case
+
+            check_case(self)
         if self.lora is not None:  # canonical, and checked before anything runs
             from harness.lora import from_text, to_text
 
@@ -242,6 +251,7 @@ class Case:
             "new_tokens": self.new_tokens,
             "alloc_conf": self.alloc_conf,
             **({"lora": self.lora} if self.lora else {}),
+            **_assisted_fields(self),
         }
 
     def key(self, gpu_name: str | None = None) -> str:
@@ -254,7 +264,7 @@ class Case:
 
     # Within a process the model is built once per (dtype, attention, quantization).
     def build_group(self) -> tuple:
-        return (self.quant or "", self.dtype, self.attn, self.lora or "")
+        return (self.quant or "", self.dtype, self.attn, self.lora or "", self.assistant or "")
 
     def label(self) -> str:
         """Short human description for progress lines."""
@@ -269,6 +279,10 @@ class Case:
             parts.append(f"[{self.alloc_conf}]")
         if self.lora:
             parts.append(f"lora {self.lora}")
+        if self.assistant:
+            parts.append(f"assistant {Path(self.assistant).stem} k{self.num_assistant_tokens}")
+        if self.prompt_lookup_num_tokens:
+            parts.append(f"prompt-lookup {self.prompt_lookup_num_tokens}")
         return " ".join(parts)
 
     def read_config(self) -> dict:
@@ -285,6 +299,12 @@ class Case:
     def from_dict(cls, data: dict) -> Case:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _assisted_fields(case: Case) -> dict:
+    from harness.assisted import record_fields
+
+    return record_fields(case)
 
 
 def _positions_of(case: Case) -> tuple[str | None, int | None]:

@@ -36,6 +36,12 @@ def register(subparsers) -> None:
     from estimator.lora import add_args as add_lora_args
 
     add_lora_args(p)
+    p.add_argument("--assistant", default=None, metavar="DRAFT",
+                   help="assisted generation: the draft model (catalogue name, config.json or checkpoint folder)")
+    p.add_argument("--num-assistant-tokens", type=int, default=None, metavar="K",
+                   help="candidate tokens the draft proposes per step (default 20, transformers' default)")
+    p.add_argument("--prompt-lookup-num-tokens", type=int, default=None, metavar="N",
+                   help="prompt lookup decoding: candidate tokens per step (no second model)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="record file to append to")
     p.add_argument("--repeat", action="store_true",
                    help="measure the case again when --out already holds it (default: say so and skip it, "
@@ -80,7 +86,9 @@ def _measure(args: argparse.Namespace) -> int:
     case = Case.make(args.model, device=args.device, dtype=args.dtype, attn=args.attn, cache=args.cache,
                      workload=args.workload, context=args.context, batch=args.batch,
                      new_tokens=args.new_tokens, quant=args.quant, alloc_conf=alloc_conf,
-                     memory_limit_bytes=args.memory_limit_bytes, lora=_lora_text(args))
+                     memory_limit_bytes=args.memory_limit_bytes, lora=_lora_text(args), assistant=args.assistant,
+                     num_assistant_tokens=args.num_assistant_tokens,
+                     prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
     note = check_positions(case)
     out = check_output_file(args.out, "--out")
     existing = existing_records(out)

@@ -54,6 +54,8 @@ AXES: dict[str, tuple[type, tuple]] = {
     "alloc_conf": (str, ("",)),
     "quant": (str, ("none",)),
     "lora": (str, ("",)),  # peft LoRA adapters, harness/lora.py's text ("r16:q_proj+v_proj:x1:float32"); "": none
+    "assistant": (str, ("",)),  # assisted generation: a draft model, "NAME" or "NAME:K" (K candidates); "": none
+    "prompt_lookup": (int, (0,)),  # prompt lookup decoding: candidate tokens per step; 0: none
 }
 SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed")
 _CHOICES = {"attn": ATTNS, "cache": CACHES, "workloads": WORKLOADS}
@@ -72,6 +74,8 @@ class Matrix:
     alloc_conf: tuple[str, ...]
     quant: tuple[str, ...]
     lora: tuple[str, ...] = ("",)
+    assistant: tuple[str, ...] = ("",)
+    prompt_lookup: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -171,10 +175,9 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
     cases: dict[tuple, Case] = {}
     left_out = 0
     for m in sweep.matrices:
-        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant, lora in itertools.product(
-            m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches, m.new_tokens,
-            m.alloc_conf, m.quant, m.lora,
-        ):
+        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant, lora, draft, lookup in \
+                itertools.product(m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches,
+                                  m.new_tokens, m.alloc_conf, m.quant, m.lora, m.assistant, m.prompt_lookup):
             if workload == "forward":
                 cache, new = None, 0
             elif context <= new:
@@ -182,7 +185,8 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
                 continue
             case = Case.make(model, device=device, dtype=dtype, attn=attn, cache=cache, workload=workload,
                              context=context, batch=batch, new_tokens=new, alloc_conf=alloc, quant=quant,
-                             memory_limit_bytes=sweep.memory_limit_bytes, lora=lora or None)
+                             memory_limit_bytes=sweep.memory_limit_bytes, lora=lora or None,
+                             **_assisted_axes(draft, lookup))
             cases.setdefault(case.key(), case)
     return list(cases.values()), left_out
 
@@ -247,6 +251,19 @@ class EstimateFilter:
         if key not in self._warned:
             self._warned.add(key)
             print(f"vramcal: warning: {message}", file=sys.stderr)
+
+
+def _assisted_axes(draft: str, lookup: int) -> dict:
+    """Case fields from the sweep's ``assistant`` ("NAME" or "NAME:K") and ``prompt_lookup`` axes."""
+    out = {}
+    if draft:
+        name, _, k = draft.rpartition(":") if draft.rpartition(":")[2].isdigit() else (draft, "", "")
+        out["assistant"] = name
+        if k:
+            out["num_assistant_tokens"] = int(k)
+    if lookup:
+        out["prompt_lookup_num_tokens"] = lookup
+    return out
 
 
 def _lora_of(case: Case):
