@@ -41,6 +41,11 @@ class Workload:
     framework: str = "transformers"
     max_cache_len: int | None = None  # static cache: tokens pre-allocated per sequence (default: context)
     lora: LoraSpec | None = None  # peft LoRA adapters loaded (estimator/lora.py)
+    # assisted generation (estimator/assisted.py): the draft model (a name load_model reads) and the
+    # candidates per step, or prompt lookup decoding's candidates per step (no draft)
+    assistant: str | None = None
+    num_assistant_tokens: int | None = None
+    prompt_lookup_num_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("context", "batch"):
@@ -75,6 +80,10 @@ class Workload:
                             "(a dynamic cache grows to --context)")
         if self.lora is not None and not isinstance(self.lora, LoraSpec):
             raise UserError(f"lora must be an estimator.lora.LoraSpec, got {type(self.lora).__name__}")
+        if self.assistant is not None or self.num_assistant_tokens is not None or self.prompt_lookup_num_tokens:
+            from estimator.assisted import check_workload
+
+            check_workload(self)
         if self.lora is not None and self.framework == "vllm":
             raise UserError("LoRA adapters are modelled for transformers + peft; vLLM's LoRA (max_loras slots) "
                             "is not: drop --lora*, or use --framework transformers")
@@ -125,6 +134,9 @@ class Workload:
             "framework": self.framework,
             "max_cache_len": self.max_cache_len,
             "lora": self.lora.as_dict() if self.lora else None,
+            "assistant": self.assistant,
+            "num_assistant_tokens": self.num_assistant_tokens,
+            "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
 
 

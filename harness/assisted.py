@@ -73,19 +73,15 @@ def record_fields(case) -> dict:
 
 
 def build_assistant(case, device: str, build):
-    """The draft model, built by the backend's ``build`` as a case of its own, generation pinned."""
+    """The draft model, built by the backend's ``build`` as a case of its own (generation is pinned per
+    case in ``generate_kwargs``)."""
     if not case.assistant:
         return None
     path = Path(case.assistant)
     kind = "checkpoint" if path.is_dir() else "config"
     draft_case = replace(case, model=assistant_name(case.assistant), source=case.assistant, source_kind=kind,
                          lora=None, assistant=None, num_assistant_tokens=None, quant=None)
-    draft = build(draft_case, device)
-    gc = draft.generation_config
-    gc.num_assistant_tokens = case.num_assistant_tokens
-    gc.num_assistant_tokens_schedule = "constant"
-    gc.assistant_confidence_threshold = 0.0
-    return draft
+    return build(draft_case, device)
 
 
 def attach(model, draft) -> None:
@@ -100,7 +96,11 @@ def assistant_of(model):
 def generate_kwargs(model, case) -> dict:
     """The keyword arguments ``generate`` gets for the case's assisted generation (none for a plain case)."""
     draft = assistant_of(model)
-    if draft is not None:
+    if draft is not None:  # pinned per case: a draft built once serves every K of its build group
+        gc = draft.generation_config
+        gc.num_assistant_tokens = case.num_assistant_tokens
+        gc.num_assistant_tokens_schedule = "constant"
+        gc.assistant_confidence_threshold = 0.0
         return {"assistant_model": draft}
     if getattr(case, "prompt_lookup_num_tokens", None):
         return {"prompt_lookup_num_tokens": case.prompt_lookup_num_tokens}
