@@ -73,9 +73,10 @@ def add_workload_args(p: argparse.ArgumentParser, context_required: bool = False
     p.add_argument("--coefficients", default=None, metavar="FILE",
                    help="coefficients file (default: the one for --framework and --gpu under results/coefficients)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    from estimator import lora
+    from estimator import assisted, lora
 
     lora.add_args(p)
+    assisted.add_args(p)
 
 
 DEFAULT_NEW_TOKENS = 16
@@ -121,7 +122,9 @@ def workload_from_args(args, spec=None) -> "Workload":
                     workload=args.workload, dtype=args.dtype, quant=quant_from_args(args, spec), kv_dtype=args.kv_dtype,
                     attn=args.attn, cache=args.cache, framework=args.framework,
                     max_cache_len=args.max_cache_len, alloc_conf=alloc_conf_from_args(args),
-                    lora=lora_from_args(args), compile=getattr(args, "compile", "off"))
+                    lora=lora_from_args(args), compile=getattr(args, "compile", "off"),
+                    assistant=args.assistant, num_assistant_tokens=args.num_assistant_tokens,
+                    prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
 
 
 def alloc_conf_from_args(args) -> str:
@@ -278,7 +281,9 @@ def cmd_estimate(args) -> int:
     lines = _describe(est, spec) + [""]
     from estimator.lora import table_rows
 
-    terms = [(label, _gib(value), f"{value:,}") for label, value in table_rows(est)]
+    from estimator.assisted import table_rows as assisted_rows
+
+    terms = [(label, _gib(value), f"{value:,}") for label, value in assisted_rows(est, table_rows(est))]
     lines += _table(("term", "GiB", "bytes"), terms, "lrr")
     # the interval's design coverage (what the calibration aimed at), else its measured coverage
     coverage = est.coefficients.interval.get("target") or est.coefficients.interval.get("coverage")
@@ -355,6 +360,9 @@ def cmd_max_batch(args) -> int:
     if multigpu_cli.check_args(args):
         return multigpu_cli.cmd_max_batch(args)
     spec, gpu, workload = _search_setup(args)
+    if workload.assistant or workload.prompt_lookup_num_tokens:
+        raise UserError("transformers' assisted generation runs batch 1 only: max-batch does not apply "
+                        "(max-context does)")
     result = max_batch(spec, workload, gpu.name, _coefficients(args), safe=not args.point)
     result.update(alloc_conf=workload.alloc_conf, model=spec.name, gpu=gpu.name, context=args.context, basis="point" if args.point else "high")
     if args.json:

@@ -243,9 +243,13 @@ def calibrated_for(coefficients: Coefficients, gpu: GPU | None) -> bool:
 
 def _extra_rows(f: Mapping[str, int]) -> dict[str, int]:
     """The estimate's own rows for LoRA adapters (``estimator/lora.py``), where the job has them."""
-    if "lora_weights_bytes" not in f:
-        return {}
-    return {"adapter_weights_bytes": f["lora_weights_bytes"], "adapter_activation_bytes": f["lora_activation_bytes"]}
+    out = {}
+    if "lora_weights_bytes" in f:
+        out.update(adapter_weights_bytes=f["lora_weights_bytes"], adapter_activation_bytes=f["lora_activation_bytes"])
+    for key in ("draft_weights_bytes", "draft_kv_bytes", "verification_activation_bytes"):  # estimator/assisted.py
+        if key in f:
+            out[key] = f[key]
+    return out
 
 
 def bounds(total: float, coefficients: Coefficients, gpu: GPU | None = None,
@@ -315,6 +319,10 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
         from estimator import lora
 
         lora.check_supported(spec, workload.lora, quant)
+    if workload.assistant:  # the draft read and checked before any replay runs
+        from estimator.assisted import check_draft
+
+        check_draft(spec, workload)
     f = features(spec, workload)
     notes += alloc_conf_notes(coefficients, workload, f)
     if workload.lora is not None:
@@ -325,6 +333,13 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
     extra, awq_note = awq_tied_extra(spec, workload)
     if awq_note:
         notes.append(awq_note)
+    if workload.assistant or workload.prompt_lookup_num_tokens:  # both models, both caches, verification
+        from estimator import assisted
+
+        draft_weights, note, more = assisted.apply(spec, workload, f)
+        weights += draft_weights
+        notes.append(note)
+        widen += more
     # rotary tables and the like: a few KiB, counted with the overhead
     return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
                     target, workload.attn, notes, position_note is not None, model_type=spec.model_type,

@@ -77,6 +77,10 @@ def case_key(case) -> str:
         value = case.get(field, default)
         if value is not None and value != default:
             parts.append(f"{field}={value}")
+    if case.get("assistant"):  # assisted generation (harness/assisted.py)
+        parts.append(f"assistant={case['assistant']}:k{case.get('num_assistant_tokens')}")
+    if case.get("prompt_lookup_num_tokens"):
+        parts.append(f"prompt_lookup={case['prompt_lookup_num_tokens']}")
     return "|".join(parts)
 
 

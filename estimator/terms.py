@@ -44,6 +44,11 @@ class Workload:
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF, canonical (estimator/alloc_conf.py); "" for the defaults
     lora: LoraSpec | None = None  # peft LoRA adapters loaded (estimator/lora.py)
     compile: str = "off"  # "auto": generate compiles where transformers would (estimator/estimate.py compiles)
+    # assisted generation (estimator/assisted.py): the draft model (a name load_model reads) and the
+    # candidates per step, or prompt lookup decoding's candidates per step (no draft)
+    assistant: str | None = None
+    num_assistant_tokens: int | None = None
+    prompt_lookup_num_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("context", "batch"):
@@ -82,6 +87,10 @@ class Workload:
         object.__setattr__(self, "alloc_conf", parse_alloc_conf(self.alloc_conf or "").text)
         if self.lora is not None and not isinstance(self.lora, LoraSpec):
             raise UserError(f"lora must be an estimator.lora.LoraSpec, got {type(self.lora).__name__}")
+        if self.assistant is not None or self.num_assistant_tokens is not None or self.prompt_lookup_num_tokens:
+            from estimator.assisted import check_workload
+
+            check_workload(self)
         if self.lora is not None and self.framework == "vllm":
             raise UserError("LoRA adapters are modelled for transformers + peft; vLLM's LoRA (max_loras slots) "
                             "is not: drop --lora*, or use --framework transformers")
@@ -136,6 +145,9 @@ class Workload:
             "alloc_conf": self.alloc_conf,
             "lora": self.lora.as_dict() if self.lora else None,
             "compile": self.compile,
+            "assistant": self.assistant,
+            "num_assistant_tokens": self.num_assistant_tokens,
+            "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
 
 

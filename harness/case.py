@@ -169,6 +169,11 @@ class Case:
     device_map: str | None = None
     gpus: int = 1
     compile: str = "off"
+    # assisted generation (generate(assistant_model=...)): the draft model's source (as `source`) and the
+    # candidate tokens per step; or prompt lookup decoding (no second model). harness/assisted.py.
+    assistant: str | None = None
+    num_assistant_tokens: int | None = None
+    prompt_lookup_num_tokens: int | None = None
 
     def __post_init__(self):
         _choice("device", self.device, DEVICES)
@@ -206,6 +211,10 @@ class Case:
 
         # strict, as torch parses it, and canonical: the record's alloc_conf is what the estimator reads
         object.__setattr__(self, "alloc_conf", parse_alloc_conf(self.alloc_conf).text)
+        if self.assistant is not None or self.prompt_lookup_num_tokens is not None or self.num_assistant_tokens:
+            from harness.assisted import check_case
+
+            check_case(self)
         if self.lora is not None:  # canonical, and checked before anything runs
             from harness.lora import from_text, to_text
 
@@ -273,6 +282,7 @@ class Case:
             **({"lora": self.lora} if self.lora else {}),
             **({"device_map": self.device_map, "gpus": self.gpus} if self.device_map else {}),
             "compile": self.compile,
+            **_assisted_fields(self),
         }
 
     def key(self, gpu_name: str | None = None) -> str:
@@ -289,7 +299,7 @@ class Case:
 
     # Within a process the model is built once per (dtype, attention, quantization).
     def build_group(self) -> tuple:
-        return (self.quant or "", self.dtype, self.attn, self.lora or "", self.device_map or "")
+        return (self.quant or "", self.dtype, self.attn, self.lora or "", self.device_map or "", self.assistant or "")
 
     def label(self) -> str:
         """Short human description for progress lines."""
@@ -308,6 +318,10 @@ class Case:
             parts.append(f"device_map={self.device_map}x{self.gpus}")
         if self.compile == "auto":
             parts.append("compile:auto")
+        if self.assistant:
+            parts.append(f"assistant {Path(self.assistant).stem} k{self.num_assistant_tokens}")
+        if self.prompt_lookup_num_tokens:
+            parts.append(f"prompt-lookup {self.prompt_lookup_num_tokens}")
         return " ".join(parts)
 
     def read_config(self) -> dict:
@@ -324,6 +338,12 @@ class Case:
     def from_dict(cls, data: dict) -> Case:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _assisted_fields(case: Case) -> dict:
+    from harness.assisted import record_fields
+
+    return record_fields(case)
 
 
 def _positions_of(case: Case) -> tuple[str | None, int | None]:

@@ -44,6 +44,12 @@ def register(subparsers) -> None:
     from estimator.lora import add_args as add_lora_args
 
     add_lora_args(p)
+    p.add_argument("--assistant", default=None, metavar="DRAFT",
+                   help="assisted generation: the draft model (catalogue name, config.json or checkpoint folder)")
+    p.add_argument("--num-assistant-tokens", type=int, default=None, metavar="K",
+                   help="candidate tokens the draft proposes per step (default 20, transformers' default)")
+    p.add_argument("--prompt-lookup-num-tokens", type=int, default=None, metavar="N",
+                   help="prompt lookup decoding: candidate tokens per step (no second model)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="record file to append to")
     p.add_argument("--repeat", action="store_true",
                    help="measure the case again when --out already holds it (default: say so and skip it, "
@@ -95,7 +101,9 @@ def _measure(args: argparse.Namespace) -> int:
                      memory_limit_bytes=args.memory_limit_bytes,
                      device_map=args.device_map or ("auto" if (args.gpus or 1) > 1 else None),
                      gpus=1 if args.gpus is None else args.gpus, lora=_lora_text(args),
-                     compile=args.compile)
+                     compile=args.compile, assistant=args.assistant,
+                     num_assistant_tokens=args.num_assistant_tokens,
+                     prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
     note = check_positions(case)
     out = check_output_file(args.out, "--out")
     existing = existing_records(out)

@@ -60,6 +60,8 @@ AXES: dict[str, tuple[type, tuple]] = {
     "quant": (str, ("none",)),
     "lora": (str, ("",)),  # peft LoRA adapters, harness/lora.py's text ("r16:q_proj+v_proj:x1:float32"); "": none
     "compile": (str, ("off",)),
+    "assistant": (str, ("",)),  # assisted generation: a draft model, "NAME" or "NAME:K" (K candidates); "": none
+    "prompt_lookup": (int, (0,)),  # prompt lookup decoding: candidate tokens per step; 0: none
 }
 SETTINGS = ("name", "description", "device", "gpu", "out", "skip_over_estimate", "memory_limit_bytes", "seed",
             "gpus", "device_map")
@@ -80,6 +82,8 @@ class Matrix:
     quant: tuple[str, ...]
     lora: tuple[str, ...] = ("",)
     compile: tuple[str, ...] = ("off",)
+    assistant: tuple[str, ...] = ("",)
+    prompt_lookup: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -199,10 +203,10 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
     cases: dict[tuple, Case] = {}
     left_out = 0
     for m in sweep.matrices:
-        for model, dtype, attn, cache, workload, context, batch, new, alloc, quant, lora, comp in itertools.product(
-            m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches, m.new_tokens,
-            m.alloc_conf, m.quant, m.lora, m.compile,
-        ):
+        for (model, dtype, attn, cache, workload, context, batch, new, alloc, quant, lora, comp, draft,
+             lookup) in itertools.product(m.models, m.dtypes, m.attn, m.cache, m.workloads, m.contexts, m.batches,
+                                          m.new_tokens, m.alloc_conf, m.quant, m.lora, m.compile, m.assistant,
+                                          m.prompt_lookup):
             if workload == "forward":
                 cache, new = None, 0
             elif context <= new:
@@ -211,7 +215,8 @@ def expand(sweep: Sweep, device: str | None = None) -> tuple[list[Case], int]:
             case = Case.make(model, device=device, dtype=dtype, attn=attn, cache=cache, workload=workload,
                              context=context, batch=batch, new_tokens=new, alloc_conf=alloc, quant=quant,
                              memory_limit_bytes=sweep.memory_limit_bytes, device_map=sweep.device_map,
-                             gpus=sweep.gpus, lora=lora or None, compile=comp)
+                             gpus=sweep.gpus, lora=lora or None, compile=comp,
+                             **_assisted_axes(draft, lookup))
             cases.setdefault(case.key(), case)
     return list(cases.values()), left_out
 
@@ -277,6 +282,19 @@ class EstimateFilter:
         if key not in self._warned:
             self._warned.add(key)
             print(f"vramcal: warning: {message}", file=sys.stderr)
+
+
+def _assisted_axes(draft: str, lookup: int) -> dict:
+    """Case fields from the sweep's ``assistant`` ("NAME" or "NAME:K") and ``prompt_lookup`` axes."""
+    out = {}
+    if draft:
+        name, _, k = draft.rpartition(":") if draft.rpartition(":")[2].isdigit() else (draft, "", "")
+        out["assistant"] = name
+        if k:
+            out["num_assistant_tokens"] = int(k)
+    if lookup:
+        out["prompt_lookup_num_tokens"] = lookup
+    return out
 
 
 def _lora_of(case: Case):

@@ -91,6 +91,9 @@ def check_workload(workload: Workload) -> None:
     if workload.kv_dtype and workload.kv_dtype != workload.dtype:
         raise UserError(f"the trace engine keeps the KV cache in the model's dtype; --kv-dtype "
                         f"{workload.kv_dtype} needs the replay engine (--engine replay, for the families it knows)")
+    if workload.assistant or workload.prompt_lookup_num_tokens:
+        raise UserError("the trace engine does not trace assisted generation (its loop branches on token values); "
+                        "the replay engine models it (--engine replay, for the families it knows)")
     if workload.attn not in ATTN_IMPLEMENTATIONS:
         raise UserError(f"the trace engine traces --attn {' or '.join(ATTN_IMPLEMENTATIONS)}; got "
                         f"{workload.attn!r} (flash_attention_2 allocates like sdpa's flash kernel: use sdpa)")

@@ -203,6 +203,8 @@ class Session:
             return rec
         rec["config"] = self._config
         rec["weights_bytes"] = self._weights_bytes
+        if _assistant_of(model) is not None:
+            rec["assistant_weights_bytes"] = self.backend.weights_bytes(_assistant_of(model))
         delay = float(os.environ.get("VRAMCAL_TEST_DELAY_S", "0") or 0)
         if delay:
             time.sleep(delay)
@@ -281,6 +283,9 @@ class Session:
 
         tracker = _capped_tracker(case.memory_limit_bytes)
         tracker.track_existing(model, WEIGHTS)
+        draft = _assistant_of(model)
+        if draft is not None:  # assisted generation: the draft's weights are held through the run too
+            tracker.track_existing(draft, WEIGHTS)
         gc.collect()
         tracker.reset_peak()
         with tracker:
@@ -303,6 +308,12 @@ class Session:
         del run
         gc.collect()
         return out
+
+
+def _assistant_of(model):
+    from harness.assisted import assistant_of
+
+    return assistant_of(model)
 
 
 def _capped_tracker(limit: int | None):
@@ -370,6 +381,9 @@ def base_record(case: Case, env: dict, seed: int | None = 0, config: dict | None
         rec["lora"] = case.lora
     if case.device_map:  # several GPUs (harness/multigpu.py): in the case key only when set
         rec.update(device_map=case.device_map, gpus=case.gpus, devices=env.get("devices"), hf_device_map=None)
+    from harness.assisted import record_fields as assisted_fields
+
+    rec.update(assisted_fields(case))  # assisted generation (harness/assisted.py); part of the case key
     rec["case_key"] = case_key(rec)
     return rec
 

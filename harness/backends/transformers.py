@@ -100,6 +100,10 @@ def build(case, device: str):
         from harness.lora import apply_lora, from_text
 
         model = apply_lora(model, from_text(case.lora))
+    if getattr(case, "assistant", None):  # assisted generation: the draft model, held beside it
+        from harness.assisted import attach, build_assistant
+
+        attach(model, build_assistant(case, device, build).eval())
     return model.eval()
 
 
@@ -149,10 +153,13 @@ def run(model, case, device: str, seed: int = 0) -> Run:
             min_new_tokens=case.new_tokens,
             do_sample=False,
             num_beams=1,
-            cache_implementation=case.cache,
+            # assisted: the draft's generate gets the main's config, and a cache_implementation beside its
+            # own past_key_values is refused; a DynamicCache is both generates' default anyway
+            cache_implementation=None if _assisted_kwargs(model, case) else case.cache,
             disable_compile=getattr(case, "compile", "off") != "auto",
             return_dict_in_generate=True,
             pad_token_id=pad,
+            **_assisted_kwargs(model, case),
         )
     produced = output.sequences.shape[-1] - case.prompt_tokens
     if produced != case.new_tokens:
@@ -162,6 +169,12 @@ def run(model, case, device: str, seed: int = 0) -> Run:
     if cache is None:
         return Run(output, None, None, compiled)
     return Run(output, cache_bytes(cache), type(cache).__name__, compiled)
+
+
+def _assisted_kwargs(model, case) -> dict:
+    from harness.assisted import generate_kwargs
+
+    return generate_kwargs(model, case)
 
 
 def cache_bytes(cache) -> int:
