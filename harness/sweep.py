@@ -6,7 +6,8 @@ quant). An axis left out of a matrix takes the top-level value of the same name,
 
     name = "h100-smoke"
     device = "cuda"                 # or "cpu" (tiny test sweeps)
-    gpu = "h100"                    # GPU the estimate filter assumes when none is visible (dry runs)
+    gpu = "h100"                    # GPU the estimate filter assumes when none is visible (dry runs);
+                                    # with --ray, the GPU kind every task is pinned to (harness/ray_sweep.py)
     out = "results/h100/smoke.jsonl"  # default output, relative to the current directory
     skip_over_estimate = 1.5        # skip cases estimated above 1.5 x device memory (0: never)
     memory_limit_bytes = 0          # 0: none; else a cap (cuda: memory fraction; cpu: tracker limit)

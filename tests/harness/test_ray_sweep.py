@@ -185,6 +185,21 @@ def test_a_killed_driver_loses_only_cases_in_flight_and_a_rerun_ends_with_every_
 
 
 @needs_ray
+@pytest.mark.parametrize("address, ok", [
+    ("local", True), ("auto", True), ("ray://head:10001", True), ("10.0.0.7:6379", True), ("head-0.svc:6379", True),
+    ("ray:/head", False), ("http://head:8265", False), ("head", False), ("", False),
+])
+def test_ray_addresses_are_checked_before_anything_runs(address, ok):
+    from harness.ray_sweep import check_ray
+
+    if ok:
+        check_ray(address)
+    else:
+        with pytest.raises(UserError, match="is not a Ray address"):
+            check_ray(address)
+
+
+@needs_ray
 def test_bad_ray_address_is_one_line_and_exit_2(tmp_path, sweep, marker):
     result = vramcal("sweep", sweep, "--out", tmp_path / "x.jsonl", "--ray", "not an address", marker=marker)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
