@@ -111,7 +111,8 @@ class Estimate:
     gpu: str | None = None  # the GPU low/high are for (None: the coefficients' own)
     beyond_trained_positions: bool = False  # context above max_position_embeddings (a rope model runs it)
     # Which engine answered: "replay" (estimator/replay/, pure Python) or "trace" (harness, fake tensors),
-    # and for the trace the transformers version that was traced.
+    # and the transformers version it answers for: the one the replay's program mirrors
+    # (estimator.replay.TRANSFORMERS_VERSION), or the installed one the trace ran.
     engine: str = "replay"
     engine_version: str | None = None
 
@@ -238,8 +239,10 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
     weights = weights_bytes(spec, workload.dtype, quant)  # parameters, as published counts them
     f = features(spec, workload)
     # rotary tables and the like: a few KiB, counted with the overhead
+    from estimator.replay import TRANSFORMERS_VERSION
+
     return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
-                    target, workload.attn, notes, position_note is not None)
+                    target, workload.attn, notes, position_note is not None, engine_version=TRANSFORMERS_VERSION)
 
 
 def calibration_notes(coefficients: Coefficients, target: GPU | None, framework: str) -> list[str]:
