@@ -55,3 +55,24 @@ def test_estimator_dynamic_bytes_match_the_trace(name, shape):
     assert abs(error) <= TOLERANCE, (
         f"{name} {shape}: estimator {est_dynamic / 2**20:,.1f} MiB vs trace {traced_dynamic / 2**20:,.1f} MiB "
         f"above the weights ({error:+.1%})")
+
+
+# Eager attention with a static cache: the masks are (b, 1, q, max_cache_len) (transformers 5.17
+# ``StaticLayer.get_mask_sizes``), the window for sliding layers (``StaticSlidingWindowLayer``). With room
+# to spare in the cache, sizing them by past + q_len put Gemma 2 1.4% under the trace.
+STATIC_EAGER = [("gemma-2-2b", 600, 6000, 1), ("llama-3.2-1b", 1024, 3072, 2)]
+
+
+@pytest.mark.parametrize("name, context, max_cache_len, batch", STATIC_EAGER, ids=[c[0] for c in STATIC_EAGER])
+def test_replay_static_cache_eager_masks_match_the_trace(name, context, max_cache_len, batch):
+    from estimator.replay import simulate
+
+    spec = load_model(name)
+    kwargs = dict(workload="generate", context=context, batch=batch, new_tokens=4)
+    traced = trace(dict(spec.config), dtype="bfloat16", attn="eager", cache="static", max_cache_len=max_cache_len,
+                   **kwargs)
+    sim = simulate(spec, Workload(attn="eager", dtype="bfloat16", cache="static", max_cache_len=max_cache_len,
+                                  **kwargs))
+    traced_dynamic = traced.peak_allocated_bytes - traced.weights_bytes
+    error = (sim["sim_allocated_bytes"] + CUBLAS_WORKSPACE - traced_dynamic) / traced_dynamic
+    assert abs(error) <= 0.01, f"{name}: replay {error:+.2%} from the trace"
