@@ -78,6 +78,7 @@ class Decoder:
     qkv_bias: bool | None = None  # None: config's attention_bias; Qwen2 hard-codes q/k/v biases
     o_bias: bool | None = None  # None: config's attention_bias
     qkv_bias_key: str | None = None  # a config key switching the q/k/v biases (Qwen2-MoE: qkv_bias)
+    o_bias_key: str | None = None  # a config key switching o_proj's bias (Seed-OSS: attention_out_bias)
     qk_norm: str | None = None  # "head": RMSNorm(head_dim) on q and k; "full": over the whole projection
     gated_query: bool = False  # Qwen3-Next / Qwen3.5 full attention: q_proj also emits a sigmoid gate
     mlp_bias_key: str | None = None  # config key switching biases on the dense MLP (Llama: mlp_bias)
@@ -215,6 +216,8 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     if dec.qkv_bias_key:  # Qwen2-MoE: its own switch (Qwen2MoeConfig.qkv_bias, default True)
         qkv_bias = bool(cfg.get(dec.qkv_bias_key, False))
     o_bias = attn_bias if dec.o_bias is None else dec.o_bias
+    if dec.o_bias_key:  # Seed-OSS: o_proj's bias has its own switch (attention_out_bias)
+        o_bias = bool(cfg.get(dec.o_bias_key, False))
     mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else False
     moe = _MOE[dec.moe] if dec.moe else None
     types = _layer_types(cfg, dec, n_layers)
@@ -434,6 +437,7 @@ _GEMMA = dict(norms_per_layer=4, embed_scale=True)
 DECODERS: dict[str, Decoder] = {
     "llama": Decoder(mlp_bias_key="mlp_bias"),
     "mistral": Decoder(windows="all"),
+    "seed_oss": Decoder(mlp_bias_key="mlp_bias", o_bias_key="attention_out_bias"),  # Llama's code, two bias keys
     "qwen2": Decoder(qkv_bias=True, o_bias=False, windows="qwen"),
     "qwen3": Decoder(qk_norm="head", windows="qwen"),
     "phi3": Decoder(windows="all", fused_qkv=True, fused_gate_up=True),
