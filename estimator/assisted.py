@@ -45,29 +45,32 @@ def simulate_assisted(main, draft, workload, k: int, min_bytes: int = 1, accept:
     ``draft`` is the draft's ModelSpec (None with ``lookup``: prompt lookup decoding)."""
     from dataclasses import replace
 
-    from estimator import program
     from estimator.allocator import CachingAllocator
+    from estimator.replay.engine import Replay
+    from estimator.replay.program import Program
+    from estimator.replay.step import Step
+    from estimator.replay.weights import parameter_bytes
 
     if workload.batch != 1:
         raise UserError(f"transformers' assisted generation runs batch 1 only (got --batch {workload.batch})")
     if workload.cache != "dynamic" or workload.workload != "generate":
         raise UserError("assisted generation is a generate workload with a dynamic cache")
     alloc = CachingAllocator()
-    sizes = program.parameter_bytes(main, workload)
+    sizes = parameter_bytes(main, workload)
     if workload.lora is not None:
         from estimator import lora
 
         sizes += lora.parameter_bytes(main, workload.lora, workload.dtype)
     d_workload = replace(workload, lora=None)
     if draft is not None:
-        sizes += program.parameter_bytes(draft, d_workload)
+        sizes += parameter_bytes(draft, d_workload)
     for nbytes in sizes:
         if nbytes >= min_bytes:
             alloc.malloc(nbytes)
     alloc.reset_peak()
     base = alloc.allocated
-    m_rep = program._Replay(main, workload, min_bytes, alloc)
-    d_rep = program._Replay(draft, d_workload, min_bytes, alloc) if draft is not None else None
+    m_rep = Replay(Program(main, workload, min_bytes), min_bytes, alloc)
+    d_rep = Replay(Program(draft, d_workload, min_bytes), min_bytes, alloc) if draft is not None else None
 
     def new(nbytes):
         return alloc.malloc(int(nbytes)) if nbytes >= min_bytes else None
@@ -93,8 +96,7 @@ def simulate_assisted(main, draft, workload, k: int, min_bytes: int = 1, accept:
             scores, prev32 = [], None
             for s in range(m):
                 q = L - d_held if s == 0 else 1
-                d_rep.run.decoding = d_held > 0
-                logits = d_rep.forward(q, d_held, 1, use_cache=True)
+                logits = d_rep.forward(Step(q, d_held, True, None, 1, decoding=d_held > 0))
                 d_held += q
                 l32 = new(d_row)  # logits[:, -1].to(float32, copy=True)
                 if scored:  # clone, then where: the row kept in `scores`
@@ -118,8 +120,7 @@ def simulate_assisted(main, draft, workload, k: int, min_bytes: int = 1, accept:
             q, past = L + m, 0
         else:
             q, past = m + 1, L - 1
-        m_rep.run.decoding = past > 0
-        logits = m_rep.forward(q, past, m + 1, use_cache=True)
+        logits = m_rep.forward(Step(q, past, True, None, m + 1, decoding=past > 0))
         alloc.free(outputs)
         outputs = logits
         nl = None if fp32 else new((m + 1) * row)  # .to(float32): a copy unless already fp32
@@ -187,7 +188,7 @@ def apply(spec, workload, f: dict) -> tuple[int, str, int]:
     weight bytes, the estimate's note, bytes to widen the interval by at each end)."""
     from dataclasses import replace
 
-    from estimator.program import MIN_TRACKED_BYTES
+    from estimator.replay import MIN_TRACKED_BYTES
     from estimator.quant import weights_bytes
     from estimator.terms import kv_cache_bytes
 

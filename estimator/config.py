@@ -173,6 +173,8 @@ def _normalize(data: dict, model_type: str | None) -> dict:
     data = _aliased(data, info.get("attribute_map", {}), set(info.get("defaults", {})))
     if data.get("dtype") is None and data.get("torch_dtype") is not None:
         data["dtype"] = data["torch_dtype"]  # PreTrainedConfig.__post_init__: dtype wins when both are set
+    if data.get("sliding_window") == 0 and data.get("use_sliding_window") is False:
+        data["sliding_window"] = None  # Qwen2MoeConfig.__post_init__ saves 0 for "no window"
     factor = _partial_rotary_factor(data, info.get("defaults", {}))
     if factor is not None:
         data["partial_rotary_factor"] = factor

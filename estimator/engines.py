@@ -163,9 +163,19 @@ def estimate(model: Model, workload, coefficients=None, gpu=None):
     return est, time.perf_counter() - started
 
 
+def _replay_version() -> str:
+    """The transformers release whose modeling code the replay's program mirrors."""
+    from estimator.replay import TRANSFORMERS_VERSION
+
+    return TRANSFORMERS_VERSION
+
+
 def engine_line(engine: str, seconds: float, version: str | None = None, probes: int | None = None) -> str:
     """One line for the text output: which engine answered, and how long it took."""
-    what = "allocator replay, no torch" if engine == "replay" else f"fake-tensor trace, transformers {version}"
+    if engine == "replay":
+        what = f"allocator replay of transformers {version or _replay_version()}, no torch"
+    else:
+        what = f"fake-tensor trace, transformers {version}"
     took = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
     count = f", {probes} traces" if probes else ""
     return f"engine: {engine} ({what}){count}, {took}"
@@ -175,7 +185,7 @@ def engine_line(engine: str, seconds: float, version: str | None = None, probes:
 def _replayed(search, model: Model, workload, gpu: str, coefficients, safe: bool, started: float) -> dict:
     """A replay search's result with the fields the trace engine's searches add."""
     result = search(model.spec, workload, gpu, coefficients, safe=safe)
-    return {**result, "engine": "replay", "engine_version": None, "probes": None,
+    return {**result, "engine": "replay", "engine_version": _replay_version(), "probes": None,
             "seconds": time.perf_counter() - started}
 
 

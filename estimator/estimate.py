@@ -114,7 +114,8 @@ class Estimate:
     gpu: str | None = None  # the GPU low/high are for (None: the coefficients' own)
     beyond_trained_positions: bool = False  # context above max_position_embeddings (a rope model runs it)
     # Which engine answered: "replay" (estimator/replay/, pure Python) or "trace" (harness, fake tensors),
-    # and for the trace the transformers version that was traced.
+    # and the transformers version it answers for: the one the replay's program mirrors
+    # (estimator.replay.TRANSFORMERS_VERSION), or the installed one the trace ran.
     engine: str = "replay"
     engine_version: str | None = None
     # Bytes each end of the interval moves out by, beyond the calibration's interval, for parts of the
@@ -341,9 +342,11 @@ def estimate(spec: ModelSpec, workload: Workload, coefficients: Coefficients | N
         notes.append(note)
         widen += more
     # rotary tables and the like: a few KiB, counted with the overhead
+    from estimator.replay import TRANSFORMERS_VERSION
+
     return assemble(spec.name, workload, weights, f, buffer_bytes(spec), spec.num_parameters, coefficients,
                     target, workload.attn, notes, position_note is not None, model_type=spec.model_type,
-                    high_extra_bytes=extra, widen=widen)
+                    high_extra_bytes=extra, widen=widen, engine_version=TRANSFORMERS_VERSION)
 
 
 def calibration_notes(coefficients: Coefficients, target: GPU | None, framework: str) -> list[str]:

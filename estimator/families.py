@@ -87,6 +87,8 @@ class Decoder:
 
     qkv_bias: bool | None = None  # None: config's attention_bias; Qwen2 hard-codes q/k/v biases
     o_bias: bool | None = None  # None: config's attention_bias
+    qkv_bias_key: str | None = None  # a config key switching the q/k/v biases (Qwen2-MoE: qkv_bias)
+    o_bias_key: str | None = None  # a config key switching o_proj's bias (Seed-OSS: attention_out_bias)
     qk_norm: str | None = None  # "head": RMSNorm(head_dim) on q and k; "full": over the whole projection
     gated_query: bool = False  # Qwen3-Next / Qwen3.5 full attention: q_proj also emits a sigmoid gate
     mlp_bias_key: str | None = None  # config key switching biases on the dense MLP (Llama: mlp_bias)
@@ -95,7 +97,8 @@ class Decoder:
     # Which layers slide when the config has no layer_types: "none"; "all" (Mistral); "qwen" (layers from
     # max_window_layers on, when use_sliding_window); "qwen_all" (every layer, when use_sliding_window);
     # "alternate" (Gemma 2); "pattern" (Gemma 3: one global layer per sliding_window_pattern); "llama4"
-    # (chunked attention on the RoPE layers, full attention on the NoPE ones).
+    # (chunked attention on the RoPE layers, full attention on the NoPE ones); "qwen2_moe" (Qwen2-MoE: even
+    # layers below max_window_layers, when use_sliding_window).
     windows: str = "none"
     moe: str | None = None  # a key of _MOE, or None for a dense model
     rotary_per_layer_type: bool = False  # Gemma 3: one rotary embedding per layer type its layers use
@@ -128,6 +131,7 @@ _MOE: dict[str, MoE] = {
     "qwen_next": MoE("num_experts", "moe_intermediate_size", placement="sparse_step", shared="gated",
                      router_first=True),
     "qwen3_5": MoE("num_experts", "moe_intermediate_size", shared="gated"),
+    "qwen2": MoE("num_experts", "moe_intermediate_size", placement="sparse_step", shared="gated", router_first=True),
     "llama4": MoE("num_local_experts", placement="moe_layers", shared="plain"),
 }
 
@@ -181,6 +185,11 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
             first = cfg.get("max_window_layers", 28)
             return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
         return ["full_attention"] * n_layers
+    if dec.windows == "qwen2_moe":  # Qwen2MoeConfig.__post_init__: even layers below max_window_layers
+        if cfg.get("use_sliding_window", False) and window:
+            first = cfg.get("max_window_layers", 28)
+            return ["sliding_attention" if (i + 1) % 2 and i < first else "full_attention" for i in range(n_layers)]
+        return ["full_attention"] * n_layers
     if dec.windows == "qwen_all":  # Qwen3-MoE: one window for every layer when switched on
         sliding = cfg.get("use_sliding_window", False) and window
         return ["sliding_attention" if sliding else "full_attention"] * n_layers
@@ -214,7 +223,11 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     head_dim = _head_dim(cfg)
     attn_bias = bool(cfg.get("attention_bias", False))
     qkv_bias = attn_bias if dec.qkv_bias is None else dec.qkv_bias
+    if dec.qkv_bias_key:  # Qwen2-MoE: its own switch (Qwen2MoeConfig.qkv_bias, default True)
+        qkv_bias = bool(cfg.get(dec.qkv_bias_key, False))
     o_bias = attn_bias if dec.o_bias is None else dec.o_bias
+    if dec.o_bias_key:  # Seed-OSS: o_proj's bias has its own switch (attention_out_bias)
+        o_bias = bool(cfg.get(dec.o_bias_key, False))
     mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else False
     moe = _MOE[dec.moe] if dec.moe else None
     types = _layer_types(cfg, dec, n_layers)
@@ -435,6 +448,7 @@ _GEMMA = dict(norms_per_layer=4, embed_scale=True)
 DECODERS: dict[str, Decoder] = {
     "llama": Decoder(mlp_bias_key="mlp_bias"),
     "mistral": Decoder(windows="all"),
+    "seed_oss": Decoder(mlp_bias_key="mlp_bias", o_bias_key="attention_out_bias"),  # Llama's code, two bias keys
     "qwen2": Decoder(qkv_bias=True, o_bias=False, windows="qwen"),
     "qwen3": Decoder(qk_norm="head", windows="qwen"),
     "phi3": Decoder(windows="all", fused_qkv=True, fused_gate_up=True),
@@ -442,6 +456,8 @@ DECODERS: dict[str, Decoder] = {
     "gemma3_text": Decoder(qk_norm="head", windows="pattern", rotary_per_layer_type=True, **_GEMMA),
     "mixtral": Decoder(windows="all", moe="mixtral"),
     "qwen3_moe": Decoder(qk_norm="head", windows="qwen_all", moe="qwen"),
+    # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): the router, the experts, then a gated shared expert
+    "qwen2_moe": Decoder(qkv_bias_key="qkv_bias", o_bias=False, windows="qwen2_moe", moe="qwen2"),
     "olmoe": Decoder(qk_norm="full", moe="olmoe"),
     "gpt_oss": Decoder(moe="gpt_oss", sinks=True),
     "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True),

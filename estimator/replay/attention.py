@@ -264,11 +264,30 @@ class Attention:
         t.free(out, qs, q, qr, keys, kvb, ckv, kvn, kr, x)
         return y, w
 
+    @staticmethod
+    def _mask_kv(step: Step, window: int | None):
+        """The key length of a layer's eager mask, as transformers 5.17's cache layers size it
+        (``cache_utils``, ``get_mask_sizes``): a dynamic cache, past + q (the prompt has no past); a
+        ``StaticLayer``, ``max_cache_len`` at every step; a ``StaticSlidingWindowLayer`` (its length the
+        window, at most ``max_cache_len``), the window until the tokens pass it."""
+        past, q = step.past, step.q_len
+        if step.static_len is None:
+            return past + q
+        if window is None:
+            return step.static_len
+        w = min(window, step.static_len)
+        if past >= w:  # already full
+            return w + q - 1
+        if past + q > w:  # becoming full on this update
+            return past + q
+        return w
+
     def make_masks(self, step: Step) -> dict:
         """The 4D masks the base model builds before its layers (masking_utils), by layer kind.
 
-        eager: a float (b, 1, q, kv) mask per layer kind (full, sliding). sdpa: none while the prompt
-        has no padding, except a boolean one for sliding layers once kv reaches the window.
+        eager: a float (b, 1, q, kv) mask per layer kind (full, sliding), kv from the cache layer's
+        ``get_mask_sizes`` (``_mask_kv``). sdpa: none while the prompt has no padding, except a boolean one
+        for sliding layers once kv reaches the window.
         """
         t, a, b = self.t, self.a, self.b
         q_len, kv = step.q_len, step.past + step.q_len
@@ -278,12 +297,12 @@ class Attention:
         wanted = []
         if self.attn == "eager":
             if kinds & {"full", "mla"}:
-                wanted.append(("full", a))
+                wanted.append(("full", a, self._mask_kv(step, None)))
             if sliding:
-                wanted.append(("sliding", a))
+                wanted.append(("sliding", a, self._mask_kv(step, min(sliding))))
         elif self.attn == "sdpa" and sliding and kv >= min(sliding):
-            wanted.append(("sliding", 1))
-        for name, elem in wanted:
+            wanted.append(("sliding", 1, kv))
+        for name, elem, kv in wanted:
             b1 = t.new(b * q_len * kv)  # boolean pieces (causal, window, padding) combined
             b2 = t.new(b * q_len * kv)
             t.free(b1)

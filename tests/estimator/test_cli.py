@@ -110,3 +110,15 @@ def test_importing_estimator_stays_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_replay_states_the_transformers_version_it_mirrors():
+    from estimator.replay import TRANSFORMERS_VERSION
+
+    r = vramcal("estimate", "qwen2.5-0.5b", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["engine"] == "replay" and out["engine_version"] == TRANSFORMERS_VERSION == "5.17"
+    r = vramcal("estimate", "qwen2.5-0.5b")
+    assert r.returncode == 0, r.stderr
+    assert f"engine: replay (allocator replay of transformers {TRANSFORMERS_VERSION}, no torch)" in r.stdout

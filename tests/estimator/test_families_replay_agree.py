@@ -106,3 +106,18 @@ def test_partial_rotary_on_a_whole_head_family_is_refused():
     spec = spec_from_config({**config, "partial_rotary_factor": 0.5}, "llama-half-rotary")
     with pytest.raises(UserError, match="partial_rotary_factor 0.5"):
         simulate(spec, Workload(context=128))
+
+
+def test_eager_mask_lengths_follow_the_cache_layers():
+    """transformers 5.17 cache_utils ``get_mask_sizes``: dynamic past + q; ``StaticLayer`` max_cache_len;
+    ``StaticSlidingWindowLayer`` (window 100, max_cache_len 1000) the window until the tokens pass it."""
+    from estimator.replay.attention import Attention
+    from estimator.replay.step import Step
+
+    kv = Attention._mask_kv
+    assert kv(Step(30, 0), None) == kv(Step(30, 0), 100) == 30
+    assert kv(Step(30, 0, static_len=1000), None) == kv(Step(1, 500, static_len=1000), None) == 1000
+    assert kv(Step(30, 0, static_len=1000), 100) == 100  # not yet full
+    assert kv(Step(130, 0, static_len=1000), 100) == 130  # becoming full on this update
+    assert kv(Step(1, 130, static_len=1000), 100) == 100  # full: window + q - 1
+    assert kv(Step(30, 0, static_len=50), 100) == 50  # the layer's length is min(window, max_cache_len)

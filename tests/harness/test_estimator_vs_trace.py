@@ -55,3 +55,87 @@ def test_estimator_dynamic_bytes_match_the_trace(name, shape):
     assert abs(error) <= TOLERANCE, (
         f"{name} {shape}: estimator {est_dynamic / 2**20:,.1f} MiB vs trace {traced_dynamic / 2**20:,.1f} MiB "
         f"above the weights ({error:+.1%})")
+
+
+# Eager attention with a static cache: the masks are (b, 1, q, max_cache_len) (transformers 5.17
+# ``StaticLayer.get_mask_sizes``), the window for sliding layers (``StaticSlidingWindowLayer``). With room
+# to spare in the cache, sizing them by past + q_len put Gemma 2 1.4% under the trace.
+STATIC_EAGER = [("gemma-2-2b", 600, 6000, 1), ("llama-3.2-1b", 1024, 3072, 2)]
+
+
+@pytest.mark.parametrize("name, context, max_cache_len, batch", STATIC_EAGER, ids=[c[0] for c in STATIC_EAGER])
+def test_replay_static_cache_eager_masks_match_the_trace(name, context, max_cache_len, batch):
+    from estimator.replay import simulate
+
+    spec = load_model(name)
+    kwargs = dict(workload="generate", context=context, batch=batch, new_tokens=4)
+    traced = trace(dict(spec.config), dtype="bfloat16", attn="eager", cache="static", max_cache_len=max_cache_len,
+                   **kwargs)
+    sim = simulate(spec, Workload(attn="eager", dtype="bfloat16", cache="static", max_cache_len=max_cache_len,
+                                  **kwargs))
+    traced_dynamic = traced.peak_allocated_bytes - traced.weights_bytes
+    error = (sim["sim_allocated_bytes"] + CUBLAS_WORKSPACE - traced_dynamic) / traced_dynamic
+    assert abs(error) <= 0.01, f"{name}: replay {error:+.2%} from the trace"
+
+
+def _qwen2_moe_config(**extra) -> dict:
+    """Qwen2MoeConfig's defaults, which its docstring gives as Qwen/Qwen1.5-MoE-A2.7B's sizes (14.3 B
+    parameters: 60 routed experts of 1408, top 4, a gated shared expert of 5632, 24 layers)."""
+    from transformers import Qwen2MoeConfig
+
+    skip = ("sliding_window", "layer_types")  # derived by __post_init__ (0 when use_sliding_window is off)
+    return {**{k: v for k, v in Qwen2MoeConfig().to_dict().items() if k not in skip}, **extra}
+
+
+QWEN2_MOE = [
+    ("generate", "sdpa", {}),
+    ("forward", "eager", {}),
+    ("generate", "eager", {"use_sliding_window": True, "max_window_layers": 21, "sliding_window": 512}),
+]
+
+
+@pytest.mark.parametrize("shape, attn, extra", QWEN2_MOE, ids=[f"{s}-{a}-{'sliding' if e else 'full'}"
+                                                             for s, a, e in QWEN2_MOE])
+def test_qwen2_moe_replay_matches_the_trace(shape, attn, extra):
+    from estimator.families import spec_from_config
+    from estimator.replay import simulate
+
+    config = _qwen2_moe_config(**extra)
+    spec = spec_from_config(config, "qwen2-moe")
+    assert spec.num_parameters == 14_315_784_192
+    if shape == "generate":
+        kwargs = dict(workload="generate", context=2048, batch=4, new_tokens=16)
+    else:
+        kwargs = dict(workload="forward", context=2048, batch=2, new_tokens=0)
+    traced = trace(config, dtype="bfloat16", attn=attn, cache="dynamic", **kwargs)
+    sim = simulate(spec, Workload(attn=attn, dtype="bfloat16", **kwargs))
+    assert traced.weights_bytes == 2 * spec.num_parameters + 4 * spec.buffer_elems
+    peak = traced.weights_bytes + sim["sim_allocated_bytes"] + CUBLAS_WORKSPACE
+    error = (peak - traced.peak_allocated_bytes) / traced.peak_allocated_bytes
+    assert abs(error) <= 0.01, f"qwen2_moe {shape} {attn}: replay peak {error:+.2%} from the trace"
+    traced_dynamic = traced.peak_allocated_bytes - traced.weights_bytes
+    dynamic_error = (sim["sim_allocated_bytes"] + CUBLAS_WORKSPACE - traced_dynamic) / traced_dynamic
+    assert abs(dynamic_error) <= 0.02, f"above the weights: {dynamic_error:+.2%}"  # measured: within 1.2%
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_seed_oss_replay_matches_the_trace(attn):
+    """Seed-OSS at SeedOssConfig's widths, 8 of its 64 layers (CI time): Llama's code with its own o_proj
+    bias switch (``attention_out_bias``). All 64 layers measured within 0.06% above the weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, SeedOssConfig
+
+    from estimator.families import spec_from_config
+    from estimator.replay import simulate
+
+    config = {**{k: v for k, v in SeedOssConfig().to_dict().items() if k != "layer_types"}, "num_hidden_layers": 8}
+    spec = spec_from_config(config, "seed-oss")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    assert list(spec.parameter_tensors) == [p.numel() for p in model.parameters()]
+    kwargs = dict(workload="generate", context=2048, batch=4, new_tokens=16)
+    traced = trace(config, dtype="bfloat16", attn=attn, cache="dynamic", **kwargs)
+    sim = simulate(spec, Workload(attn=attn, dtype="bfloat16", **kwargs))
+    traced_dynamic = traced.peak_allocated_bytes - traced.weights_bytes
+    error = (sim["sim_allocated_bytes"] + CUBLAS_WORKSPACE - traced_dynamic) / traced_dynamic
+    assert abs(error) <= 0.01, f"seed_oss {attn}: {error:+.2%} above the weights"
