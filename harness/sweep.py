@@ -233,7 +233,9 @@ class EstimateFilter:
             workload = Workload(context=case.context, batch=case.batch, new_tokens=case.new_tokens,
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
                                 attn=case.attn, cache=case.cache or "dynamic", framework=case.framework,
-                                lora=_lora_of(case))
+                                lora=_lora_of(case), assistant=case.assistant,
+                                num_assistant_tokens=case.num_assistant_tokens,
+                                prompt_lookup_num_tokens=case.prompt_lookup_num_tokens)
             return comparable_bytes(estimate(self._specs[case.source], workload), self.device)
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
             self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "
