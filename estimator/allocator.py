@@ -227,7 +227,7 @@ class CachingAllocator:
         """``k`` decode steps at pasts ``x, x + 1, ...``: each sets the slots not in ``keep`` to None, runs
         ``ops`` (``run``'s ops, then moves ``(-3, (dst, src))``: ``loc[dst] = loc[src]``, None for ``src``
         -1) and notes whether the peak allocated rose. Returns the last step (from 0) that raised it, or -1.
-        ``program._Replay.fast_steps`` builds the ops; ``estimator/_replay.c`` loops the same in C."""
+        ``estimator.replay.engine.Replay.fast_steps`` builds the ops; ``estimator/_replay.c`` loops the same in C."""
         kept = set(keep)
         clear = [i for i in range(len(loc)) if i not in kept]
         first = len(ops)

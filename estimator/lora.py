@@ -202,6 +202,48 @@ def parameter_bytes(spec, lora: LoraSpec | None, model_dtype: str) -> list[int]:
     return out
 
 
+# ---- a measured case's LoRA as one line of text (harness/case.py, records, sweep files) ----------------
+def to_text(lora: LoraSpec | None) -> str | None:
+    """``r8:q_proj+v_proj:x3:float32[:dora][:merged]`` (``--lora PATH``: ``path=<folder>:x3:float32``)."""
+    if lora is None:
+        return None
+    if lora.source:
+        head = f"path={lora.source}"
+    else:
+        ranks = {r for _, r in lora.ranks}
+        if len(ranks) != 1:
+            raise UserError("a measured LoRA case takes one rank for all targets")
+        head = f"r{ranks.pop()}:{'+'.join(n for n, _ in lora.ranks)}"
+    tail = [f"x{lora.adapters}", lora.dtype] + (["dora"] if lora.use_dora else []) + (["merged"] if lora.merged else [])
+    if lora.modules_to_save:
+        tail.append("save=" + "+".join(lora.modules_to_save))
+    return ":".join([head] + tail)
+
+
+def from_text(text: str | None) -> LoraSpec | None:
+    if not text:
+        return None
+    parts = str(text).split(":")
+    head, rest = parts[0], parts[1:]
+    if head.startswith("path="):
+        path = head.removeprefix("path=")
+        while rest and not rest[0].startswith("x"):  # a path with ':' in it
+            path += ":" + rest.pop(0)
+        adapters = int(rest[0][1:]) if rest else 1
+        return read_adapter(path, adapters, rest[1] if len(rest) > 1 else None, "merged" in rest)
+    try:
+        rank = int(head.removeprefix("r"))
+        targets = parse_targets(rest[0].replace("+", ","))
+        adapters = int(rest[1].removeprefix("x"))
+        dtype = rest[2]
+    except (ValueError, IndexError):
+        raise UserError(f"lora {text!r}: expected r<rank>:<target>+<target>:x<adapters>:<dtype>, "
+                        "e.g. r8:q_proj+v_proj:x1:float32") from None
+    save = next((p.removeprefix("save=").split("+") for p in rest if p.startswith("save=")), ())
+    return LoraSpec.make(rank, targets, adapters, dtype, "dora" in rest, "merged" in rest, tuple(save))
+
+
+
 # ---- the replay's hook --------------------------------------------------------------------------------
 def linear(run, name: str, rows: int, fin: int, fout: int, y):
     """peft ``Linear.forward`` of the active adapter on ``rows`` tokens, after the base output ``y``

@@ -126,6 +126,10 @@ class Workload:
             framework=record.get("framework") or "transformers",
             alloc_conf=record.get("alloc_conf") or "",
             compile=record.get("compile") or "off",  # records before issue 11: disable_compile=True
+            lora=_record_lora(record.get("lora")),
+            assistant=record.get("assistant") if isinstance(record.get("assistant"), str) else None,
+            num_assistant_tokens=_record_int(record.get("num_assistant_tokens")) if record.get("assistant") else None,
+            prompt_lookup_num_tokens=_record_int(record.get("prompt_lookup_num_tokens")),
         )
 
     def as_dict(self) -> dict:
@@ -149,6 +153,16 @@ class Workload:
             "num_assistant_tokens": self.num_assistant_tokens,
             "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
+
+
+def _record_lora(text):
+    from estimator.lora import from_text
+
+    return from_text(text) if isinstance(text, str) else None  # absent, None, or a frame's NaN: none
+
+
+def _record_int(value):
+    return int(value) if isinstance(value, (int, float)) and value == value and value > 0 else None
 
 
 # Products of sizes must stay countable in 64-bit bytes; far below that no GPU holds the job anyway.

@@ -265,7 +265,9 @@ class EstimateFilter:
                                 workload=case.workload, dtype=case.dtype, quant=case.quant,
                                 attn=case.attn, cache=case.cache or "dynamic", framework=case.framework,
                                 alloc_conf=case.alloc_conf,
-                                lora=_lora_of(case), compile=case.compile)
+                                lora=_lora_of(case), compile=case.compile,
+                                assistant=case.assistant, num_assistant_tokens=case.num_assistant_tokens,
+                                prompt_lookup_num_tokens=case.prompt_lookup_num_tokens)
             return comparable_bytes(estimate(self._specs[case.source], workload), self.device)
         except Exception as exc:  # noqa: BLE001 - a case the estimator cannot handle is still measured
             self._warn(case.model, f"no estimate for {case.model} ({' '.join(str(exc).split())[:200]}); "

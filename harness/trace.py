@@ -487,6 +487,7 @@ def trace_model(
     max_cache_len: int | None = None,
     device_rules: str = "cuda",
     tracker: StorageTracker | None = None,
+    assisted: tuple | None = None,
 ) -> tuple[StorageTracker, dict]:
     """Run one workload on an already-built model (fake or real tensors) under a `StorageTracker`.
 
@@ -496,6 +497,8 @@ def trace_model(
     tracker = tracker or StorageTracker()
     with tracker.phase("load"):
         tracker.track_existing(model, WEIGHTS)
+        if assisted is not None and assisted[0] is not None:  # (draft, k, accept): the draft's weights too
+            tracker.track_existing(assisted[0], WEIGHTS)
         workspace = None  # held to the end, like the process-wide cuBLAS workspace
         if device_rules == "cuda":
             with tracker, tracker.category(WORKSPACE):
@@ -511,6 +514,13 @@ def trace_model(
                 out = model(input_ids, use_cache=False)
             del out, input_ids
             kv_cache_bytes = cache_nbytes = 0
+        elif assisted is not None:  # harness/assisted_trace.py: the assisted loop, acceptance given
+            from harness.assisted_trace import assisted_generate
+
+            kv = assisted_generate(model, assisted[0], tracker, prompt, new_tokens, assisted[1], assisted[2], known)
+            cache_nbytes = _held_nbytes(kv)
+            kv_cache_bytes = cache_nbytes  # the main cache (the breakdown's KV holds the draft's too)
+            del kv
         else:
             kv = _generate(model, tracker, batch, prompt, new_tokens, cache,
                            max_cache_len or prompt + new_tokens - 1, decode_experts, known)
@@ -583,6 +593,7 @@ def run_trace(
     max_cache_len: int | None = None,
     record_events: bool = False,
     lora=None,
+    assisted: tuple | None = None,
 ) -> TraceRun:
     """`trace`, keeping the tracker (with the allocation sequence when `record_events`) and the model's
     parameter count, parameter and buffer bytes, and the bytes the cache holds at the end."""
@@ -613,10 +624,14 @@ def run_trace(
 
         with fake_mode:
             model = apply_lora(model, lora, fake_mode)
+    if assisted is not None:  # (the draft's config or None for prompt lookup, k, accept "none" / "all")
+        draft = build_fake_model(assisted[0], torch_dtype, attn, fake_mode) if assisted[0] is not None else None
+        assisted = (draft,) + tuple(assisted[1:])
     with fake_mode:
         tracker, facts = trace_model(model, workload=workload, batch=batch, prompt=prompt,
                                      new_tokens=new_tokens, cache=cache, max_cache_len=max_cache_len,
-                                     device_rules=device_rules, tracker=StorageTracker(record_events=record_events))
+                                     device_rules=device_rules, tracker=StorageTracker(record_events=record_events),
+                                     assisted=assisted)
     storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in (*model.parameters(), *model.buffers())}
     params = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in model.parameters()}
     categories = (WEIGHTS, KV_CACHE, ACTIVATIONS, LOGITS) + ((WORKSPACE,) if device_rules == "cuda" else ())

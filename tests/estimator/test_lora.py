@@ -92,3 +92,14 @@ def test_cli_bad_lora_input_is_one_line_exit_2(argv, match):
     r = _cli("estimate", "qwen2.5-0.5b", *argv)
     assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 2  # argparse adds its usage line
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen3-8b"])
+def test_c_and_python_replays_agree_with_adapters(model):
+    from estimator.replay.runner import _CAllocator, simulate
+
+    if _CAllocator is None:
+        pytest.skip("the C accelerator is not built")
+    w = Workload(context=3000, batch=2, new_tokens=40, lora=LoraSpec.make(64, "all-linear", dtype="bfloat16"))
+    spec = load_model(model)
+    assert simulate(spec, w, accelerate=True) == simulate(spec, w, accelerate=False)

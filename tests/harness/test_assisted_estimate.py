@@ -70,3 +70,35 @@ def test_measured_assisted_peak_within_1_percent_of_the_replay(models, measured,
     # no candidate accepted runs more steps; the estimate takes the larger peak and widens by the difference
     none = simulate_assisted(main, draft, w, k, min_bytes=1, accept="none")["sim_allocated_bytes"]
     assert none >= sim["sim_allocated_bytes"] * 0.99
+
+
+@pytest.mark.parametrize("prompt, new, k, accept", [(504, 8, 4, "all"), (200, 40, 20, "none"), (64, 16, 3, "all")])
+def test_traced_assisted_peak_within_1_percent_of_the_replay(models, prompt, new, k, accept):
+    """The assisted loop on the modeling code under fake tensors (harness/assisted_trace.py), both patterns."""
+    from harness.trace import run_trace
+
+    (main_path, main), (draft_path, draft) = models
+    configs = [json.loads(Path(p).read_text()) for p in (main_path, draft_path)]
+    w = Workload(context=prompt + new, new_tokens=new)
+    weights = sum(weights_bytes(s, "bfloat16", None) + buffer_bytes(s) for s in (main, draft))
+    estimated = weights + simulate_assisted(main, draft, w, k, min_bytes=1, accept=accept)["sim_allocated_bytes"]
+    traced = run_trace(configs[0], context=prompt + new, batch=1, new_tokens=new, device_rules="cpu",
+                       assisted=(configs[1], k, accept)).result.peak_allocated_bytes
+    assert abs(traced - estimated) <= 0.01 * estimated, f"trace {traced / estimated - 1:+.2%}"
+
+
+def test_traced_assisted_on_catalogue_models_with_gpu_rules():
+    """llama-3.2-1b (2 layers) with a 1-layer copy as the draft, CUDA kernel rules: the trace and the replay."""
+    from estimator import load_model
+    from harness.trace import CUBLAS_WORKSPACE_BYTES, run_trace
+
+    config = dict(load_model("llama-3.2-1b").config)
+    config["num_hidden_layers"] = 2
+    d_config = dict(config, num_hidden_layers=1)
+    main, draft = spec_from_config(config, "main"), spec_from_config(d_config, "draft")
+    w = Workload(context=1024, new_tokens=8)
+    weights = sum(weights_bytes(s, "bfloat16", None) + buffer_bytes(s) for s in (main, draft))
+    estimated = weights + simulate_assisted(main, draft, w, 5, min_bytes=1, accept="none")["sim_allocated_bytes"]
+    traced = run_trace(config, context=1024, batch=1, new_tokens=8, assisted=(d_config, 5, "none"))
+    peak = traced.result.peak_allocated_bytes - CUBLAS_WORKSPACE_BYTES
+    assert abs(peak - estimated) <= 0.01 * estimated, f"trace {peak / estimated - 1:+.2%}"

@@ -101,13 +101,14 @@ def test_inactive_adapters_add_weights_only(peaks):
     assert three[2] - one[2] == three[3] - one[3]  # measured: the peak grows by the two idle adapters' weights
 
 
-def test_trace_engine_rows_equal_the_replay_rows():
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen3-0.6b", "gemma-2-2b"])  # plain, q/k norms, sandwich norms
+def test_trace_engine_rows_equal_the_replay_rows(name):
     """The trace engine (fake tensors, CUDA kernel rules) on the real peft layers: the same adapter rows."""
-    config = dict(load_model("llama-3.2-1b").config)
+    config = dict(load_model(name).config)
     config["num_hidden_layers"] = 2
-    spec = spec_from_config(config, "llama-2l")
+    spec = spec_from_config(config, name)
     w = Workload(context=512, batch=2, new_tokens=4, lora=LoraSpec.make(64, "all-linear", adapters=3))
-    replayed, traced = estimate(spec, w), trace_estimate(config, "llama-2l", w)
+    replayed, traced = estimate(spec, w), trace_estimate(config, name, w)
     for key in ("lora_weights_bytes", "lora_activation_bytes"):
         assert traced.features[key] == replayed.features[key] > 0
     assert traced.widen_bytes == replayed.widen_bytes > 0

@@ -111,3 +111,21 @@ def test_unreadable_adapter_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(UserError, match="not a LoRA adapter"):
         read_adapter(str(tmp_path))
+
+
+def test_cli_estimate_reads_an_adapter_folder(tmp_path):
+    import subprocess
+    import sys
+
+    config = tiny_config()
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    lora = CASES["r16-all"]
+    peft_model(config, lora).save_pretrained(tmp_path / "adapter")
+    stored = data_bytes(tmp_path / "adapter" / "adapter_model.safetensors")
+    r = subprocess.run([sys.executable, "-m", "vramcal", "estimate", str(tmp_path / "tiny.json"), "--context", "256",
+                        "--lora", str(tmp_path / "adapter"), "--lora-adapters", "2", "--json"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["adapter_weights_bytes"] == 2 * stored
+    assert d["inputs"]["lora"]["source"] == str(tmp_path / "adapter")
