@@ -151,6 +151,14 @@ def usable(df, framework: str | None = None, gpu: str | None = None, device: str
     if "device_map" in df:  # several GPUs (harness/multigpu.py): top-level peaks are sums, not one GPU's
         multi = (reasons == "") & df["device_map"].notna()
         reasons[multi] = "device_map (several GPUs)"
+    # LoRA adapters and assisted generation (estimator/lora.py, assisted.py): the weights and features
+    # here are the base model's alone (record_terms), so a fit or a score on them would be wrong.
+    for column, reason in (("lora", "LoRA adapters (not modelled in the fit)"),
+                           ("assistant", "assisted generation (not modelled in the fit)"),
+                           ("prompt_lookup_num_tokens", "prompt lookup decoding (not modelled in the fit)")):
+        if column in df:
+            used = (reasons == "") & df[column].notna() & df[column].astype(bool)
+            reasons[used] = reason
     if "terms_error" in df:
         bad = (reasons == "") & df["terms_error"].notna()
         reasons[bad] = "config unreadable"

@@ -55,6 +55,18 @@ def test_a_case_measured_twice_counts_once_with_its_highest_peak(tmp_path, synth
     assert recs[2]["peak_nvml_bytes"] not in set(keep["peak_nvml_bytes"])
 
 
+def test_lora_and_assisted_records_are_left_out_of_fits(tmp_path, synth):
+    from calibration.data import load_frame, usable
+
+    recs = synth.make_records(models=("qwen2.5-0.5b",))
+    recs[0] = dict(recs[0], lora="r16:q_proj+v_proj:x1:float32")
+    recs[1] = dict(recs[1], assistant="qwen2.5-0.5b", num_assistant_tokens=5)
+    keep, left_out = usable(load_frame([synth.write_jsonl(tmp_path / "r.jsonl", recs)]))
+    assert len(keep) == len(recs) - 2
+    assert left_out == {"LoRA adapters (not modelled in the fit)": 1,
+                        "assisted generation (not modelled in the fit)": 1}
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, synthetic_file):
     from vramcal.cli import main
