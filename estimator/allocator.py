@@ -107,8 +107,14 @@ class CachingAllocator:
         else:
             block = self._segment(size, small)
         rest = block.size - size
-        if (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE):
-            tail = _Block(block.ptr + size, rest, small)
+        return self._take(block, size, pool, (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE))
+
+    def _take(self, block: _Block, size: int, pool: list, split: bool) -> _Block:
+        """Hand out ``block`` for ``size`` bytes; with ``split`` its remainder becomes a free block of its own
+        (``DeviceCachingAllocator::alloc_found_block``)."""
+        if split:
+            rest = block.size - size
+            tail = _Block(block.ptr + size, rest, block.small)
             nxt = block.next
             tail.prev, tail.next = block, nxt
             if nxt is not None:
@@ -408,21 +414,7 @@ class ConfiguredAllocator(_PlainRun, CachingAllocator):
             split = rest >= MIN_BLOCK
         else:
             split = (limit is None or size < limit) and rest > SMALL_SIZE
-        if split:
-            tail = _Block(block.ptr + size, rest, small)
-            nxt = block.next
-            tail.prev, tail.next = block, nxt
-            if nxt is not None:
-                nxt.prev = tail
-            block.next = tail
-            block.size = size
-            insort(pool, rest << _SHIFT | tail.ptr)
-            self._free[tail.ptr] = tail
-        block.free = False
-        self.allocated += block.size
-        if self.allocated > self.peak_allocated:
-            self.peak_allocated = self.allocated
-        return block
+        return self._take(block, size, pool, split)
 
 
 _CLASSES: dict = {}
