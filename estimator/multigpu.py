@@ -180,6 +180,15 @@ def estimate_devices(spec: ModelSpec, workload: Workload, gpus: tuple[GPU, ...],
     if workload.quant:
         raise UserError(f"--gpus with --quant {workload.quant}: the quantizers' module sizes and max_memory "
                         "adjustments are not modelled; estimate the unquantized model, or one GPU")
+    if workload.lora is not None:
+        raise UserError("--gpus with LoRA adapters: the adapters' placement over GPUs is not modelled; estimate "
+                        "them on one GPU (--gpu), or the base model over --gpus")
+    if workload.assistant or workload.prompt_lookup_num_tokens:
+        raise UserError("--gpus with assisted generation: the draft's placement and the verification forward "
+                        "over GPUs are not modelled; estimate it on one GPU (--gpu)")
+    if workload.cache == "static" and workload.compile == "auto":
+        raise UserError("--gpus with a static cache and --compile auto: the compiled decode step over GPUs is not "
+                        "modelled; add --compile off (generate(disable_compile=True)) or use one GPU")
     if workload.framework != "transformers":
         raise UserError("--gpus places modules as transformers' device_map does; vLLM splits a model by tensor "
                         "parallelism instead (--framework vllm --tensor-parallel-size)")

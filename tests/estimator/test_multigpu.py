@@ -152,3 +152,13 @@ def test_bad_input_is_one_line_exit_2(args):
     r = vramcal(*args)
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("extra", [["--lora-rank", "16"], ["--assistant", "llama-3.2-1b"],
+                                   ["--prompt-lookup-num-tokens", "5"],
+                                   ["--cache", "static", "--compile", "auto"]])
+def test_options_not_modelled_over_several_gpus_are_refused_in_one_line(extra):
+    r = subprocess.run([sys.executable, "-m", "vramcal", "estimate", "llama-3.1-70b", "--gpus", "2xA100-80GB",
+                        "--context", "4096", *extra], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--gpus with" in r.stderr
