@@ -12,7 +12,7 @@
 # Records are appended per case to OUT_DIR/{smoke,campaign,lora}.jsonl and the whole log goes through tee
 # to OUT_DIR/campaign.log, so a run cut at its limit still returns what it measured. Records already in
 # results/h200/ are copied to OUT_DIR first: a rerun resumes (the sweeps skip cases already measured).
-# Wheels in .whl/ (jsonschema and its needs, absent on the H200 image) are installed to /tmp/site first.
+# The progress bars are off (TQDM_DISABLE=1): the log keeps one line per case. Wheels in .whl/ (jsonschema and its needs, absent on the H200 image) are installed to /tmp/site first.
 # harness/README.md ("GPU campaign") gives the device call and what to commit afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -23,7 +23,7 @@ PY=${PYTHON:-python3}
 LORA_RESERVE_S=40  # kept back from the campaign sweep for the LoRA sweep when peft imports
 mkdir -p "$OUT_DIR" || exit 2
 exec > >(tee -a "$OUT_DIR/campaign.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 T0=$SECONDS
 left() { local s=$(( BUDGET_S - (SECONDS - T0) )); (( s > 1 )) && echo "$s" || echo 1; }
 step() { echo; echo "=== [$(( SECONDS - T0 )) s of $BUDGET_S] $*"; }
@@ -35,22 +35,32 @@ if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import jsonschema" 2>/dev/n
     && export PYTHONPATH="$PYTHONPATH:/tmp/site" && echo "installed to /tmp/site: $(cd .whl && ls *.whl | tr '\n' ' ')"
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" - <<'EOF' || { echo "gpu_campaign: a package the harness needs is missing (above); nothing was measured"; exit 2; }
-import importlib, platform, sys
+"$PY" - "$DRY" <<'EOF'
+import importlib, importlib.metadata, platform, sys
 print("python", platform.python_version())
 missing = []
 for name in ("torch", "transformers", "accelerate", "pynvml", "jsonschema", "tqdm", "peft", "pandas", "scipy"):
     try:
-        mod = importlib.import_module(name)
-        print(f"{name} {getattr(mod, '__version__', '?')}")
+        importlib.import_module(name)
+        try:
+            version = importlib.metadata.version({"pynvml": "nvidia-ml-py"}.get(name, name))
+        except importlib.metadata.PackageNotFoundError:
+            version = "(no metadata)"
+        print(f"{name} {version}")
     except ImportError as exc:
         print(f"{name} MISSING ({exc})")
         missing += [name] if name in ("torch", "transformers", "jsonschema", "tqdm") else []
 import torch
 print("cuda", torch.version.cuda, "available:", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-sys.exit(1 if missing else 0)
+sys.exit(1 if missing else 3 if sys.argv[1] != "1" and not torch.cuda.is_available() else 0)
 EOF
+status=$?
+if (( status == 3 )); then
+  echo "gpu_campaign: no CUDA GPU is visible here; nothing was measured (without one: CAMPAIGN_DRY_RUN=1)"; exit 2
+elif (( status != 0 )); then
+  echo "gpu_campaign: a package the harness needs is missing (above); nothing was measured"; exit 2
+fi
 if ! "$PY" -c "import estimator._replay" 2>/dev/null; then  # the C replay: faster estimate filter (optional)
   timeout 90 "$PY" setup.py -q build_ext --inplace >/dev/null 2>&1 && echo "built estimator/_replay" \
     || echo "estimator/_replay not built: the Python replay answers (same bytes, slower)"

@@ -94,3 +94,17 @@ def test_the_campaign_script_dry_run_measures_a_tiny_cpu_sweep_end_to_end(tmp_pa
                  "nvml: PASS 71/71 within 2%", "estimated: ", "gpu_campaign: done in"):
         assert line in log, line
     assert len(read_records(out / "dry-cpu.jsonl")) == 4
+
+
+def test_the_campaign_script_without_a_gpu_says_so_and_exits_2(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the campaign would run")
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120,
+                            env={**{k: v for k, v in os.environ.items() if k not in ("OUT", "CAMPAIGN_DRY_RUN")},
+                                 "PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert "gpu_campaign: no CUDA GPU is visible here; nothing was measured" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr and not list(out.glob("*.jsonl"))
