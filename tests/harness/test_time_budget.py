@@ -53,3 +53,10 @@ def test_a_bad_time_budget_is_one_line_and_exit_2(tmp_path, tiny, value):  # noq
     assert len(result.stderr.strip().splitlines()) == 1 and "--time-budget" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+def test_a_time_budget_with_ray_is_refused_in_one_line(tmp_path, tiny):  # noqa: F811
+    result = vramcal("sweep", sweep_file(tmp_path, tiny), "--out", tmp_path / "o.jsonl", "--time-budget", "60",
+                     "--ray")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "vramcal: error: --time-budget applies to a sweep run here, not with --ray"
