@@ -148,4 +148,5 @@ for arg in sys.argv[3:]:
 print(f"campaign throughput: {ok} ok cases in {wall_s:.0f} s = {ok / (wall_s / 60):.1f} ok cases per device-minute; "
       f"{max(0.0, 1 - inside_s / wall_s):.0%} of the time outside the measured workloads (tests, starts, builds, checks)")
 EOF
+[[ -s $OUT_DIR/crosscheck.txt ]] && { echo "cross-check verdict (crosscheck.txt):"; tail -n 4 "$OUT_DIR/crosscheck.txt"; }
 echo "gpu_campaign: done in $(( SECONDS - T0 )) s; log: $OUT_DIR/campaign.log"
