@@ -76,6 +76,9 @@ def register(subparsers) -> None:
                    help="run the process groups as Ray tasks (one GPU each; CPU sweeps: one CPU): no ADDRESS "
                         "starts a local Ray instance, else join a cluster (auto, ray://HOST:10001); needs the "
                         "ray extra")
+    s.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no case after SECONDS from the sweep's start: the case in flight is measured and "
+                        "recorded, the rest are left for a rerun (exit 0, with a summary); not with --ray")
     s.add_argument("-v", "--verbose", action="store_true", help="show the workers' output")
     s.set_defaults(func=_sweep)
 
@@ -142,6 +145,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be >= 0, not {args.limit}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UserError(f"--time-budget must be a number of seconds > 0, not {args.time_budget:g}")
     sys.stdout.flush()
     return run_sweep(args.sweep_file, out=args.out, device=args.device, dry_run=args.dry_run, limit=args.limit,
-                     retry_errors=args.retry_errors, verbose=args.verbose, ray=args.ray)
+                     retry_errors=args.retry_errors, verbose=args.verbose, ray=args.ray,
+                     time_budget_s=args.time_budget)

@@ -8,12 +8,14 @@ that dies records `status: error` for the case it was measuring; a new worker ta
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -171,25 +173,35 @@ def run_cases(
     on_record: Callable[[Case, dict], None] | None = None,
     echo_stderr: bool = False,
     check_first: bool = False,
+    deadline: float | None = None,
 ) -> list[dict]:
     """Measure `cases` (already ordered) and append one record per case to `out`; returns them.
 
     Consecutive cases of the same process group share a worker. Raises UserError when a worker cannot
     set up the device at all (nothing would be measured), and with `check_first` when the first worker
     finds, before it measures, a model that cannot be built (`check_cases`, in the same process).
+
+    `deadline` (a `time.monotonic()` value): no case starts after it. The case in flight when it passes
+    is measured to its end and recorded; then its worker is stopped (closing the event stream kills it)
+    and the cases left have no record, so a rerun of the sweep resumes them.
     """
     records: list[dict] = []
     check = "first" if check_first else None
     for group in process_groups(cases):
-        for event, case, rec in group_events(group, gpu_name=gpu_name, seed=seed, echo_stderr=echo_stderr,
-                                             check=check):
-            if event == "start" and on_start:
-                on_start(case)
-            elif event == "record":
-                append_record(out, rec)
-                records.append(rec)
-                if on_record:
-                    on_record(case, rec)
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        events = group_events(group, gpu_name=gpu_name, seed=seed, echo_stderr=echo_stderr, check=check)
+        with contextlib.closing(events):
+            for event, case, rec in events:
+                if event == "start" and on_start:
+                    on_start(case)
+                elif event == "record":
+                    append_record(out, rec)
+                    records.append(rec)
+                    if on_record:
+                        on_record(case, rec)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
         check = None
     return records
 

@@ -400,6 +400,18 @@ def gpu_of_this_machine(device: str, dry_run: bool, records: list[dict]) -> tupl
     return None, None
 
 
+def throughput_line(records: list[dict], wall_s: float) -> str:
+    """Ok cases per minute of the measuring phase, and the share of it outside the measured workloads
+    (worker starts, imports, model builds and weight initialisation: what `duration_s` does not cover)."""
+    ok = sum(r["status"] == "ok" for r in records)
+    inside_s = sum(r["duration_s"] for r in records)
+    per_min = ok / (wall_s / 60) if wall_s > 0 else 0.0
+    outside = 1 - inside_s / wall_s if wall_s > 0 else 0.0
+    return (f"throughput: {ok} ok cases in {wall_s:.1f} s = {per_min:.1f} ok cases per device-minute; "
+            f"{max(outside, 0.0):.0%} of the time outside the measured workloads "
+            f"({inside_s:.1f} s inside)")
+
+
 def check_sweep_positions(sweep: Sweep, cases: list[Case]) -> list[str]:
     """Every case's context against its model's positions, before anything runs (`check_positions`).
 
@@ -423,9 +435,17 @@ def check_sweep_positions(sweep: Sweep, cases: list[Case]) -> list[str]:
 
 
 def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_errors=False,
-              verbose=False, ray: str | None = None) -> int:
+              verbose=False, ray: str | None = None, time_budget_s: float | None = None) -> int:
     """Check, plan and measure a sweep; `ray`: a Ray address ("local" for a new local instance) to run
-    its process groups as Ray tasks (`harness.ray_sweep`) instead of one after another here."""
+    its process groups as Ray tasks (`harness.ray_sweep`) instead of one after another here.
+
+    `time_budget_s`: seconds from this call's start after which no case starts (the one in flight is
+    measured and recorded; `runner.run_cases`); the sweep then exits 0 with a summary, and a rerun
+    resumes the cases left."""
+    begun = time.monotonic()
+    deadline = None if time_budget_s is None else begun + time_budget_s
+    if ray is not None and deadline is not None:
+        raise UserError("--time-budget applies to a sweep run here, not with --ray")
     require_extra("jsonschema", "harness")  # the records are validated as read and as written
     if ray is not None:
         from harness import ray_sweep
@@ -507,12 +527,18 @@ def run_sweep(path, *, out=None, device=None, dry_run=False, limit=None, retry_e
             bar.update(1)
 
         if ray is None:
-            run_cases(to_run, out_path, gpu_name=gpu_name, seed=sweep.seed, on_start=on_start,
-                      on_record=on_record, echo_stderr=verbose)
+            measured = run_cases(to_run, out_path, gpu_name=gpu_name, seed=sweep.seed, on_start=on_start,
+                                 on_record=on_record, echo_stderr=verbose, deadline=deadline)
         else:
             nodes = cluster.run(to_run, out_path, seed=sweep.seed, on_start=on_start, on_record=on_record)
     print(f"sweep {sweep.name}: {sum(counts.values())} measured ({counts['ok']} ok, {counts['oom']} oom, "
           f"{counts['error']} error) -> {out_path}")
+    if ray is None:
+        not_started = len(to_run) - len(measured)
+        if not_started:
+            print(f"sweep {sweep.name}: stopped at the time budget ({time_budget_s:g} s): {not_started} cases "
+                  "not started; a rerun resumes them")
+        print(throughput_line(measured, time.perf_counter() - started))
     if ray is not None:
         ray_sweep.print_node_summary(nodes, time.perf_counter() - started)
     return 1 if counts["error"] else 0
