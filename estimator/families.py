@@ -97,6 +97,8 @@ class Decoder:
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj tensor
     sinks: bool = False  # gpt-oss: one learned sink logit per head
     linear_attention: bool = False  # Qwen3-Next / Qwen3.5: gated delta-net layers where layer_types say so
+    layer_norm: bool = False  # StarCoder2: nn.LayerNorm (weight and bias) for every norm, the final one too
+    gated_mlp: bool = True  # False: StarCoder2's c_fc, act, c_proj (no gate)
 
 
 @dataclass(frozen=True)
@@ -256,22 +258,25 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
             mlp = _moe(cfg, moe, p, hidden)
         else:
             mlp = _dense_mlp(cfg, p, hidden, mlp_bias, width=cfg.need(dec.dense_width_key, "the MLP width"),
-                             fused=dec.fused_gate_up)
-        p.param("norm", hidden, dec.norms_per_layer)
+                             fused=dec.fused_gate_up, gated=dec.gated_mlp)
+        p.param("norm", hidden, dec.norms_per_layer * (2 if dec.layer_norm else 1))
         p.layers.append(LayerSpec(attention, mlp))
 
     rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
     copies = len(set(types)) if dec.rotary_per_layer_type else 1
     buffers = copies * 2 * (rotary_dim // 2) + (1 if dec.embed_scale else 0)
+    if dec.layer_norm:
+        p.param("norm", hidden)  # the final LayerNorm's bias (its weight is counted by _finish)
     return _finish(cfg, p, model_type, vocab, hidden, buffers)
 
 
 def _dense_mlp(cfg: Config, p: _Parts, hidden: int, bias: bool = False, width: int | None = None,
-               role: str = "mlp", fused: bool = False) -> MLPSpec:
+               role: str = "mlp", fused: bool = False, gated: bool = True) -> MLPSpec:
     width = width or cfg.need("intermediate_size", "the MLP width")
-    p.linear(role, hidden, width, 2, bias=bias, fused=fused)  # gate_proj, up_proj (Phi-3: gate_up_proj)
+    # gate_proj, up_proj (Phi-3: gate_up_proj); StarCoder2: c_fc alone
+    p.linear(role, hidden, width, 2 if gated else 1, bias=bias, fused=fused)
     p.linear(role, width, hidden, bias=bias)
-    return MLPSpec("dense", width, gated=True)
+    return MLPSpec("dense", width, gated=gated)
 
 
 def _moe(cfg: Config, moe: MoE, p: _Parts, hidden: int) -> MLPSpec:
@@ -452,6 +457,9 @@ DECODERS: dict[str, Decoder] = {
     "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True),
     "qwen3_5_text": Decoder(qk_norm="head", gated_query=True, linear_attention=True),
     "qwen3_5_moe_text": Decoder(qk_norm="head", gated_query=True, moe="qwen3_5", linear_attention=True),
+    # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch for every projection
+    "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
+                          layer_norm=True, gated_mlp=False),
     # Llama 4: the L2 qk-norm has no weights; MoE layers add a shared expert; dense layers are wider
     "llama4_text": Decoder(windows="llama4", moe="llama4", dense_width_key="intermediate_size_mlp"),
 }

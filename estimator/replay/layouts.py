@@ -80,7 +80,7 @@ def layout(model_type: str) -> Layout:
     if dec is None:
         return lay
     moe = _MOE[dec.moe] if dec.moe else None
-    return replace(lay, fused_qkv=dec.fused_qkv, fused_gate_up=dec.fused_gate_up, qk_norm=dec.qk_norm is not None,
+    return replace(lay, norm="layer" if dec.layer_norm else lay.norm, fused_qkv=dec.fused_qkv, fused_gate_up=dec.fused_gate_up, qk_norm=dec.qk_norm is not None,
                    gated_attention=dec.gated_query, sandwich_norms=dec.norms_per_layer == 4,
                    embed_scale=dec.embed_scale, sinks=dec.sinks, expert_bias=bool(moe and moe.expert_bias),
                    shared_expert_gate=bool(moe and moe.shared == "gated"))
