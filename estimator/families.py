@@ -99,6 +99,10 @@ class Decoder:
     linear_attention: bool = False  # Qwen3-Next / Qwen3.5: gated delta-net layers where layer_types say so
     layer_norm: bool = False  # StarCoder2: nn.LayerNorm (weight and bias) for every norm, the final one too
     gated_mlp: bool = True  # False: StarCoder2's c_fc, act, c_proj (no gate)
+    mlp_bias: bool = False  # GPT-NeoX: the MLP's projections always have biases
+    # GPT-NeoX registers the two norms first, then query_key_value before dense (Phi-3: qkv_proj after o_proj)
+    neox_order: bool = False
+    parallel_residual_key: str | None = None  # GPT-NeoX: use_parallel_residual (ModelSpec.parallel_residual)
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,8 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     o_bias = attn_bias if dec.o_bias is None else dec.o_bias
     if dec.o_bias_key:  # Seed-OSS: o_proj's bias has its own switch (attention_out_bias)
         o_bias = bool(cfg.get(dec.o_bias_key, False))
-    mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else False
+    mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else dec.mlp_bias
+    norm_tensors = dec.norms_per_layer * (2 if dec.layer_norm else 1)
     moe = _MOE[dec.moe] if dec.moe else None
     types = _layer_types(cfg, dec, n_layers)
     p = _Parts()
@@ -238,16 +243,18 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
             window = cfg.get(window_key) if window_key else None
             if window_key and window is None:
                 raise cfg.fail(f"layer {i} is {layer_type} but '{cfg.key(window_key)}' is null or absent")
+            if dec.neox_order:
+                p.param("norm", hidden, norm_tensors)  # input_layernorm, post_attention_layernorm
             if dec.sinks:
                 p.param("other", heads)  # attention sinks: one logit per head, the module's own parameter
             q_width = q_out * (2 if dec.gated_query else 1)
             p.linear("attn", hidden, q_width, bias=qkv_bias, tensors=not dec.fused_qkv)
             p.linear("attn", hidden, kv_out, 2, bias=qkv_bias, tensors=not dec.fused_qkv)  # k_proj, v_proj
+            o_at = len(p.tensors)
             p.linear("attn", q_out, hidden, bias=o_bias)
             if dec.fused_qkv:  # Phi-3: one qkv_proj (q_out + 2 kv_out, hidden), registered after o_proj
-                p.tensors.append(hidden * (q_width + 2 * kv_out))
-                if qkv_bias:
-                    p.tensors.append(q_width + 2 * kv_out)
+                at = o_at if dec.neox_order else len(p.tensors)  # GPT-NeoX: query_key_value before dense
+                p.tensors[at:at] = [hidden * (q_width + 2 * kv_out)] + ([q_width + 2 * kv_out] if qkv_bias else [])
             if dec.qk_norm == "head":
                 p.param("norm", head_dim, 2)
             elif dec.qk_norm == "full":
@@ -259,7 +266,8 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
         else:
             mlp = _dense_mlp(cfg, p, hidden, mlp_bias, width=cfg.need(dec.dense_width_key, "the MLP width"),
                              fused=dec.fused_gate_up, gated=dec.gated_mlp)
-        p.param("norm", hidden, dec.norms_per_layer * (2 if dec.layer_norm else 1))
+        if not dec.neox_order:
+            p.param("norm", hidden, norm_tensors)
         p.layers.append(LayerSpec(attention, mlp))
 
     rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
@@ -267,7 +275,10 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     buffers = copies * 2 * (rotary_dim // 2) + (1 if dec.embed_scale else 0)
     if dec.layer_norm:
         p.param("norm", hidden)  # the final LayerNorm's bias (its weight is counted by _finish)
-    return _finish(cfg, p, model_type, vocab, hidden, buffers)
+    spec = _finish(cfg, p, model_type, vocab, hidden, buffers)
+    if dec.parallel_residual_key:
+        spec = replace(spec, parallel_residual=bool(cfg.get(dec.parallel_residual_key, False)))
+    return spec
 
 
 def _dense_mlp(cfg: Config, p: _Parts, hidden: int, bias: bool = False, width: int | None = None,
@@ -460,6 +471,9 @@ DECODERS: dict[str, Decoder] = {
     # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch for every projection
     "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
                           layer_norm=True, gated_mlp=False),
+    # GPT-NeoX (Pythia, RedPajama-INCITE): one interleaved query_key_value, LayerNorms, a plain MLP with biases
+    "gpt_neox": Decoder(fused_qkv=True, layer_norm=True, gated_mlp=False, mlp_bias=True, neox_order=True,
+                        parallel_residual_key="use_parallel_residual"),
     # Llama 4: the L2 qk-norm has no weights; MoE layers add a shared expert; dense layers are wider
     "llama4_text": Decoder(windows="llama4", moe="llama4", dense_width_key="intermediate_size_mlp"),
 }

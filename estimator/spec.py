@@ -113,6 +113,8 @@ class ModelSpec:
     config_dtype: str | None = None  # the config's dtype / torch_dtype, canonical ("bfloat16"), if known
     # The fraction of head_dim that rotary embeddings rotate (rope_parameters / partial_rotary_factor).
     partial_rotary_factor: float = 1.0
+    # GPT-NeoX's use_parallel_residual: the MLP reads the layer's input, h + attn(ln1(h)) + mlp(ln2(h))
+    parallel_residual: bool = False
     # Every parameter tensor's elements in the order the modeling code registers them, summing to
     # num_parameters (estimator/families.py): the load order the replay's allocator starts from.
     parameter_tensors: tuple[int, ...] = field(default=(), repr=False, compare=False)

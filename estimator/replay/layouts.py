@@ -41,6 +41,8 @@ class Layout:
 # sinks) come from estimator/families.py's DECODERS, one copy (``layout``); GPT-2 has no Decoder.
 LAYOUTS: dict[str, Layout] = {
     "phi3": Layout(rope="half_cat"),
+    # GPT-NeoX's apply_rotary_pos_emb cats (rotated, pass) whatever rotary_pct is (Phi-3's pattern)
+    "gpt_neox": Layout(rope="half_cat"),
     "gpt2": Layout(norm="layer", fused_qkv=True, rope="none", act="gelu_new", learned_positions=True,
                    eager_fp32_softmax=False),
     "gemma2": Layout(norm="rms_gemma", attn_softcap=True, final_softcap=True),

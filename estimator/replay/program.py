@@ -135,6 +135,15 @@ class Program(Blocks, Attention, GatedDeltaNet):
             y2 = self.norm(T * H)
             t.free(y)
             y = y2
+        if self.spec.parallel_residual:  # GPT-NeoX: mlp(ln2(h)) + attn + h, the sums left to right
+            m = self.mlp(layer, step, self.norm(T * H))
+            s = t.new(T * H * a)
+            t.free(m, y)
+            h = t.new(T * H * a)
+            t.free(s, weights)
+            if h_in not in keep:
+                t.free(h_in)
+            return h
         h1 = t.new(T * H * a)
         t.free(y)
         x2 = self.norm(T * H)  # post_attention_layernorm (Gemma: pre_feedforward_layernorm)

@@ -144,20 +144,25 @@ def test_seed_oss_replay_matches_the_trace(attn):
 # Families put on the replay in issue 10, part 4: their catalogue config cut to a few layers (CI time), at
 # a generate and a forward workload, with sdpa and eager. Peak allocated within 1% of the trace, and the
 # part above the weights within 1% too at these shapes (where it is a large share of the peak).
-FAST_PATH = [("starcoder2-7b", 4)]
+FAST_PATH = [
+    ("starcoder2-7b", 4, {}),
+    ("redpajama-incite-3b", 4, {}),
+    # GPTNeoXConfig's defaults (Pythia): the parallel residual and a quarter of the head rotated
+    ("redpajama-incite-3b", 4, {"use_parallel_residual": True, "rotary_pct": 0.25}),
+]
 FAST_PATH_WORKLOADS = {"generate": dict(workload="generate", context=2048, batch=4, new_tokens=16),
                        "forward": dict(workload="forward", context=2048, batch=2, new_tokens=0)}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("shape", sorted(FAST_PATH_WORKLOADS))
-@pytest.mark.parametrize("name, layers", FAST_PATH, ids=[c[0] for c in FAST_PATH])
-def test_new_family_replay_matches_the_trace(name, layers, shape, attn):
+@pytest.mark.parametrize("name, layers, overrides", FAST_PATH,
+                         ids=[c[0] + ("-" + "-".join(c[2]) if c[2] else "") for c in FAST_PATH])
+def test_new_family_replay_matches_the_trace(name, layers, overrides, shape, attn):
     from estimator.families import spec_from_config
     from estimator.replay import simulate
 
-    config = dict(load_model(name).config)
-    config["num_hidden_layers"] = layers
+    config = {**load_model(name).config, **overrides, "num_hidden_layers": layers}
     if config.get("layer_types"):
         config["layer_types"] = config["layer_types"][:layers]
     spec = spec_from_config(config, name)
