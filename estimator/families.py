@@ -471,6 +471,8 @@ DECODERS: dict[str, Decoder] = {
     # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch for every projection
     "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
                           layer_norm=True, gated_mlp=False),
+    # OLMo 2: Olmo2RMSNorm over the whole q and k projections; its post-norms are a compute knob (layouts)
+    "olmo2": Decoder(qk_norm="full"),
     # GPT-NeoX (Pythia, RedPajama-INCITE): one interleaved query_key_value, LayerNorms, a plain MLP with biases
     "gpt_neox": Decoder(fused_qkv=True, layer_norm=True, gated_mlp=False, mlp_bias=True, neox_order=True,
                         parallel_residual_key="use_parallel_residual"),

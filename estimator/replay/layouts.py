@@ -34,6 +34,7 @@ class Layout:
     gated_attention: bool = False  # Qwen3-Next: q_proj also yields a gate; output * sigmoid(gate)
     shared_expert_gate: bool = False  # Qwen3-Next: shared expert first, scaled by sigmoid(gate(x))
     qk_norm: bool = False  # Qwen3, Gemma 3, OLMoE: q_norm(q_proj(x)), k_norm(k_proj(x))
+    post_norms: bool = False  # OLMo 2/3: no norm before attention or the MLP, one on each output
 
 
 # Compute-only knobs by model_type. The knobs that follow from the parameter layout (fused projections,
@@ -47,6 +48,8 @@ LAYOUTS: dict[str, Layout] = {
                    eager_fp32_softmax=False),
     "gemma2": Layout(norm="rms_gemma", attn_softcap=True, final_softcap=True),
     "gemma3_text": Layout(norm="rms_gemma"),
+    # OLMo 2: Olmo2RMSNorm multiplies by the weight in fp32, then casts; norms on the block outputs only
+    "olmo2": Layout(norm="rms_gemma", post_norms=True),
     "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, expert_glu="gpt_oss"),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),

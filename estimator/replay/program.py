@@ -129,6 +129,8 @@ class Program(Blocks, Attention, GatedDeltaNet):
         t, a = self.t, self.a
         T, H = self.b * step.q_len, self.spec.hidden_size
         # the caller's ``hidden_states`` keeps the layer's input alive until the layer returns
+        if self.lay.post_norms:
+            return self.post_norm_layer(i, layer, step, masks, h_in, keep)
         x = self.norm(T * H)
         y, weights = self.attention(i, layer, step, x, masks)
         if self.lay.sandwich_norms:
@@ -154,6 +156,25 @@ class Program(Blocks, Attention, GatedDeltaNet):
             y = y2
         h = t.new(T * H * a)
         t.free(y, h1, weights)
+        if h_in not in keep:
+            t.free(h_in)
+        return h
+
+    def post_norm_layer(self, i: int, layer: LayerSpec, step: Step, masks: dict, h_in, keep: list):
+        """OLMo 2's ``Olmo2DecoderLayer``: h1 = h + norm(attn(h)); out = h1 + norm(mlp(h1)). The blocks read
+        the residual itself, so they free no input (``None``)."""
+        t, a = self.t, self.a
+        T, H = self.b * step.q_len, self.spec.hidden_size
+        y, weights = self.attention(i, layer, step, None, masks)
+        yn = self.norm(T * H)  # post_attention_layernorm
+        t.free(y)
+        h1 = t.new(T * H * a)
+        t.free(yn)
+        y = self.mlp(layer, step, None)
+        yn = self.norm(T * H)  # post_feedforward_layernorm
+        t.free(y)
+        h = t.new(T * H * a)
+        t.free(yn, h1, weights)
         if h_in not in keep:
             t.free(h_in)
         return h

@@ -149,6 +149,7 @@ FAST_PATH = [
     ("redpajama-incite-3b", 4, {}),
     # GPTNeoXConfig's defaults (Pythia): the parallel residual and a quarter of the head rotated
     ("redpajama-incite-3b", 4, {"use_parallel_residual": True, "rotary_pct": 0.25}),
+    ("olmo-2-1b", 4, {}),
 ]
 FAST_PATH_WORKLOADS = {"generate": dict(workload="generate", context=2048, batch=4, new_tokens=16),
                        "forward": dict(workload="forward", context=2048, batch=2, new_tokens=0)}
