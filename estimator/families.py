@@ -87,7 +87,8 @@ class Decoder:
     # Which layers slide when the config has no layer_types: "none"; "all" (Mistral); "qwen" (layers from
     # max_window_layers on, when use_sliding_window); "qwen_all" (every layer, when use_sliding_window);
     # "alternate" (Gemma 2); "pattern" (Gemma 3: one global layer per sliding_window_pattern); "llama4"
-    # (chunked attention on the RoPE layers, full attention on the NoPE ones); "qwen2_moe" (Qwen2-MoE: even
+    # (chunked attention on the RoPE layers, full attention on the NoPE ones); "olmo3" (every fourth layer
+    # global); "qwen2_moe" (Qwen2-MoE: even
     # layers below max_window_layers, when use_sliding_window).
     windows: str = "none"
     moe: str | None = None  # a key of _MOE, or None for a dense model
@@ -169,6 +170,8 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     if dec.windows == "pattern":  # Gemma 3: every sliding_window_pattern-th layer is global
         pattern = cfg.get("sliding_window_pattern", 6)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if dec.windows == "olmo3":  # Olmo3Config.__post_init__: every fourth layer is global
+        return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n_layers)]
     if dec.windows == "llama4":  # Llama4TextConfig.__post_init__: no_rope_layers[i] == 1 -> chunked
         interval = cfg.get("no_rope_layer_interval", 4)
         rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
@@ -473,6 +476,8 @@ DECODERS: dict[str, Decoder] = {
                           layer_norm=True, gated_mlp=False),
     # OLMo 2: Olmo2RMSNorm over the whole q and k projections; its post-norms are a compute knob (layouts)
     "olmo2": Decoder(qk_norm="full"),
+    # OLMo 3: OLMo 2 with sliding layers and one rotary embedding per layer type
+    "olmo3": Decoder(qk_norm="full", windows="olmo3", rotary_per_layer_type=True),
     # GPT-NeoX (Pythia, RedPajama-INCITE): one interleaved query_key_value, LayerNorms, a plain MLP with biases
     "gpt_neox": Decoder(fused_qkv=True, layer_norm=True, gated_mlp=False, mlp_bias=True, neox_order=True,
                         parallel_residual_key="use_parallel_residual"),

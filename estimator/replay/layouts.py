@@ -50,6 +50,7 @@ LAYOUTS: dict[str, Layout] = {
     "gemma3_text": Layout(norm="rms_gemma"),
     # OLMo 2: Olmo2RMSNorm multiplies by the weight in fp32, then casts; norms on the block outputs only
     "olmo2": Layout(norm="rms_gemma", post_norms=True),
+    "olmo3": Layout(norm="rms_gemma", post_norms=True),
     "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, expert_glu="gpt_oss"),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),
