@@ -104,6 +104,7 @@ class Decoder:
     # GPT-NeoX registers the two norms first, then query_key_value before dense (Phi-3: qkv_proj after o_proj)
     neox_order: bool = False
     parallel_residual_key: str | None = None  # GPT-NeoX: use_parallel_residual (ModelSpec.parallel_residual)
+    nope_layers: bool = False  # SmolLM3: no_rope_layers[i] == 0 marks a layer without rotary (AttentionSpec.rope)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,10 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     if dec.windows == "pattern":  # Gemma 3: every sliding_window_pattern-th layer is global
         pattern = cfg.get("sliding_window_pattern", 6)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if dec.windows == "smollm3":  # SmolLM3Config.__post_init__: the NoPE layers slide, when use_sliding_window
+        sliding = cfg.get("use_sliding_window", False) and window is not None
+        rope = _rope_layers(cfg, n_layers)
+        return ["sliding_attention" if sliding and not rope[i] else "full_attention" for i in range(n_layers)]
     if dec.windows == "olmo3":  # Olmo3Config.__post_init__: every fourth layer is global
         return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n_layers)]
     if dec.windows == "llama4":  # Llama4TextConfig.__post_init__: no_rope_layers[i] == 1 -> chunked
@@ -195,6 +200,15 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     if dec.windows == "all" and window:  # Mistral, Mixtral, Phi-3: every layer slides
         return ["sliding_attention"] * n_layers
     return ["full_attention"] * n_layers
+
+
+def _rope_layers(cfg: Config, n_layers: int) -> list[int]:
+    """SmolLM3Config.__post_init__: 1 where a layer applies RoPE; every no_rope_layer_interval-th does not."""
+    interval = cfg.get("no_rope_layer_interval", 4)
+    rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if len(rope) < n_layers:
+        raise cfg.fail(f"'{cfg.key('no_rope_layers')}' has {len(rope)} entries for {n_layers} layers")
+    return list(rope)
 
 
 def _moe_layer(cfg: Config, moe: MoE | None, i: int, n_layers: int) -> bool:
@@ -231,6 +245,7 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     norm_tensors = dec.norms_per_layer * (2 if dec.layer_norm else 1)
     moe = _MOE[dec.moe] if dec.moe else None
     types = _layer_types(cfg, dec, n_layers)
+    rope = _rope_layers(cfg, n_layers) if dec.nope_layers else [1] * n_layers
     p = _Parts()
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
 
@@ -263,7 +278,7 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
             elif dec.qk_norm == "full":
                 p.param("norm", q_out)
                 p.param("norm", kv_out)
-            attention = AttentionSpec(kind, heads, kv_heads, head_dim, head_dim, window=window)
+            attention = AttentionSpec(kind, heads, kv_heads, head_dim, head_dim, window=window, rope=bool(rope[i]))
         if _moe_layer(cfg, moe, i, n_layers):
             mlp = _moe(cfg, moe, p, hidden)
         else:
@@ -474,6 +489,8 @@ DECODERS: dict[str, Decoder] = {
     # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch for every projection
     "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
                           layer_norm=True, gated_mlp=False),
+    # SmolLM3: Llama's layout; every fourth layer has no rotary embedding (NoPE), and only those may slide
+    "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope_layers=True),
     # OLMo 2: Olmo2RMSNorm over the whole q and k projections; its post-norms are a compute knob (layouts)
     "olmo2": Decoder(qk_norm="full"),
     # OLMo 3: OLMo 2 with sliding layers and one rotary embedding per layer type

@@ -58,6 +58,7 @@ class AttentionSpec:
     # Short-convolution state of linear-attention layers (Qwen3-Next: conv_dim x kernel per sequence),
     # always stored at the model's dtype, next to the recurrent state above.
     conv_state_elems: int = 0
+    rope: bool = True  # False: a NoPE layer (SmolLM3's no_rope_layers) skips the rotary embedding
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,9 @@ class Attention:
             q = t.new(q_n * a)
             k = t.new(k_n * a)
             v = t.new(v_n * a)
-        if lay.rope == "partial":  # both rotations, then cat((rotated, pass), -1) for each
+        if not att.rope:  # a NoPE layer (SmolLM3): q and k go to the cache as they are
+            qe, ke = q, k
+        elif lay.rope == "partial":  # both rotations, then cat((rotated, pass), -1) for each
             qr = self.rope(q_n, whole=False)
             kr = self.rope(k_n, whole=False)
             qe = t.new(q_n * a)
