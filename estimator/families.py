@@ -491,6 +491,8 @@ DECODERS: dict[str, Decoder] = {
                           layer_norm=True, gated_mlp=False),
     # SmolLM3: Llama's layout; every fourth layer has no rotary embedding (NoPE), and only those may slide
     "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope_layers=True),
+    # Granite 3: Llama's layout; its multipliers are compute knobs (layouts)
+    "granite": Decoder(mlp_bias_key="mlp_bias"),
     # OLMo 2: Olmo2RMSNorm over the whole q and k projections; its post-norms are a compute knob (layouts)
     "olmo2": Decoder(qk_norm="full"),
     # OLMo 3: OLMo 2 with sliding layers and one rotary embedding per layer type

@@ -35,6 +35,8 @@ class Layout:
     shared_expert_gate: bool = False  # Qwen3-Next: shared expert first, scaled by sigmoid(gate(x))
     qk_norm: bool = False  # Qwen3, Gemma 3, OLMoE: q_norm(q_proj(x)), k_norm(k_proj(x))
     post_norms: bool = False  # OLMo 2/3: no norm before attention or the MLP, one on each output
+    # Granite: inputs_embeds * embedding_multiplier, residual + out * residual_multiplier, logits / logits_scaling
+    multipliers: bool = False
 
 
 # Compute-only knobs by model_type. The knobs that follow from the parameter layout (fused projections,
@@ -51,6 +53,7 @@ LAYOUTS: dict[str, Layout] = {
     # OLMo 2: Olmo2RMSNorm multiplies by the weight in fp32, then casts; norms on the block outputs only
     "olmo2": Layout(norm="rms_gemma", post_norms=True),
     "olmo3": Layout(norm="rms_gemma", post_norms=True),
+    "granite": Layout(multipliers=True),
     "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, expert_glu="gpt_oss"),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),

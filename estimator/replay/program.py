@@ -84,7 +84,7 @@ class Program(Blocks, Attention, GatedDeltaNet):
             t.layers(None, False)
             return t.new(b * V * a)
         emb = t.new(T * H * a)
-        if self.lay.embed_scale:  # the scaled embedding module: embedding(ids) * embed_scale
+        if self.lay.embed_scale or self.lay.multipliers:  # Gemma's embed_scale; Granite's embedding_multiplier
             scaled = t.new(T * H * a)
             t.free(emb)
             emb = scaled
@@ -113,8 +113,8 @@ class Program(Blocks, Attention, GatedDeltaNet):
         # the base model's locals (embeddings, cos/sin, masks) go when it returns, before the head
         t.free(*rot, *keep, *masks.values())
         logits = t.new(b * logits_positions * V * a)
-        if self.lay.final_softcap:
-            for _ in range(3):
+        if self.lay.final_softcap or self.lay.multipliers:  # Gemma 2: / cap, tanh, * cap; Granite: / logits_scaling
+            for _ in range(3 if self.lay.final_softcap else 1):
                 l2 = t.new(b * logits_positions * V * a)
                 t.free(logits)
                 logits = l2
@@ -146,15 +146,18 @@ class Program(Blocks, Attention, GatedDeltaNet):
             if h_in not in keep:
                 t.free(h_in)
             return h
+        scaled = t.new(T * H * a) if self.lay.multipliers else None  # Granite: out * residual_multiplier
         h1 = t.new(T * H * a)
-        t.free(y)
+        t.free(scaled, y)
         x2 = self.norm(T * H)  # post_attention_layernorm (Gemma: pre_feedforward_layernorm)
         y = self.mlp(layer, step, x2)
         if self.lay.sandwich_norms:
             y2 = self.norm(T * H)
             t.free(y)
             y = y2
+        scaled = t.new(T * H * a) if self.lay.multipliers else None
         h = t.new(T * H * a)
+        t.free(scaled)
         t.free(y, h1, weights)
         if h_in not in keep:
             t.free(h_in)
