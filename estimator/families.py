@@ -104,7 +104,9 @@ class Decoder:
     # GPT-NeoX registers the two norms first, then query_key_value before dense (Phi-3: qkv_proj after o_proj)
     neox_order: bool = False
     parallel_residual_key: str | None = None  # GPT-NeoX: use_parallel_residual (ModelSpec.parallel_residual)
-    nope_layers: bool = False  # SmolLM3: no_rope_layers[i] == 0 marks a layer without rotary (AttentionSpec.rope)
+    # Layers without rotary (AttentionSpec.rope): "no_rope_layers" (SmolLM3: where no_rope_layers[i] == 0);
+    # "global" (EXAONE 4: the full-attention layers, when the config has a window)
+    nope: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,9 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     norm_tensors = dec.norms_per_layer * (2 if dec.layer_norm else 1)
     moe = _MOE[dec.moe] if dec.moe else None
     types = _layer_types(cfg, dec, n_layers)
-    rope = _rope_layers(cfg, n_layers) if dec.nope_layers else [1] * n_layers
+    rope = _rope_layers(cfg, n_layers) if dec.nope == "no_rope_layers" else [1] * n_layers
+    if dec.nope == "global" and cfg.get("sliding_window") is not None:  # Exaone4Attention: global NoPE
+        rope = [int(t == "sliding_attention") for t in types]
     p = _Parts()
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
 
@@ -490,12 +494,13 @@ DECODERS: dict[str, Decoder] = {
     "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
                           layer_norm=True, gated_mlp=False),
     # SmolLM3: Llama's layout; every fourth layer has no rotary embedding (NoPE), and only those may slide
-    "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope_layers=True),
+    "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope="no_rope_layers"),
+    # EXAONE 4: OLMo 2's post-norm layer (layouts) with per-head qk-norms; global layers have no rotary
+    "exaone4": Decoder(qk_norm="head", windows="pattern", nope="global"),
     # Granite 3: Llama's layout; its multipliers are compute knobs (layouts)
     "granite": Decoder(mlp_bias_key="mlp_bias"),
-    # OLMo 2: Olmo2RMSNorm over the whole q and k projections; its post-norms are a compute knob (layouts)
+    # OLMo 2/3: qk-norms over the whole projections, post-norms (layouts); OLMo 3: windows, rotary per type
     "olmo2": Decoder(qk_norm="full"),
-    # OLMo 3: OLMo 2 with sliding layers and one rotary embedding per layer type
     "olmo3": Decoder(qk_norm="full", windows="olmo3", rotary_per_layer_type=True),
     # GPT-NeoX (Pythia, RedPajama-INCITE): one interleaved query_key_value, LayerNorms, a plain MLP with biases
     "gpt_neox": Decoder(fused_qkv=True, layer_norm=True, gated_mlp=False, mlp_bias=True, neox_order=True,

@@ -54,6 +54,7 @@ LAYOUTS: dict[str, Layout] = {
     "olmo2": Layout(norm="rms_gemma", post_norms=True),
     "olmo3": Layout(norm="rms_gemma", post_norms=True),
     "granite": Layout(multipliers=True),
+    "exaone4": Layout(post_norms=True),  # Exaone4RMSNorm is Llama's
     "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, expert_glu="gpt_oss"),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),
