@@ -101,9 +101,9 @@ class Decoder:
     layer_norm: bool = False  # StarCoder2: nn.LayerNorm (weight and bias) for every norm, the final one too
     gated_mlp: bool = True  # False: StarCoder2's c_fc, act, c_proj (no gate)
     mlp_bias: bool = False  # GPT-NeoX: the MLP's projections always have biases
-    # GPT-NeoX registers the two norms first, then query_key_value before dense (Phi-3: qkv_proj after o_proj)
-    neox_order: bool = False
+    neox_order: bool = False  # GPT-NeoX: the two norms first, then query_key_value before dense
     parallel_residual_key: str | None = None  # GPT-NeoX: use_parallel_residual (ModelSpec.parallel_residual)
+    lm_head_bias_key: str | None = None  # Phi-3.5-MoE: lm_head_bias
     # Layers without rotary (AttentionSpec.rope): "no_rope_layers" (SmolLM3: where no_rope_layers[i] == 0);
     # "global" (EXAONE 4: the full-attention layers, when the config has a window)
     nope: str | None = None
@@ -297,7 +297,8 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     buffers = copies * 2 * (rotary_dim // 2) + (1 if dec.embed_scale else 0)
     if dec.layer_norm:
         p.param("norm", hidden)  # the final LayerNorm's bias (its weight is counted by _finish)
-    spec = _finish(cfg, p, model_type, vocab, hidden, buffers)
+    head_bias = bool(cfg.get(dec.lm_head_bias_key, False)) if dec.lm_head_bias_key else False
+    spec = _finish(cfg, p, model_type, vocab, hidden, buffers, head_bias=head_bias)
     if dec.parallel_residual_key:
         spec = replace(spec, parallel_residual=bool(cfg.get(dec.parallel_residual_key, False)))
     return spec
@@ -365,13 +366,13 @@ def _gated_delta_net(cfg: Config, p: _Parts, hidden: int) -> AttentionSpec:
 
 
 def _finish(cfg: Config, p: _Parts, model_type: str, vocab: int, hidden: int, buffers: int,
-            max_positions: int | None = None) -> ModelSpec:
+            max_positions: int | None = None, head_bias: bool = False) -> ModelSpec:
     tied = bool(cfg.get("tie_word_embeddings", False))
     p.other["embedding"] += vocab * hidden
     p.tensors[:0] = [vocab * hidden, *p.front]  # embed_tokens (GPT-2: wte, wpe) come before the layers
     p.param("norm", hidden)  # final norm
     if not tied:
-        p.linear("lm_head", hidden, vocab, quantizable=False)
+        p.linear("lm_head", hidden, vocab, bias=head_bias, quantizable=False)
     return ModelSpec(
         name=cfg.name, model_type=model_type, vocab_size=vocab, hidden_size=hidden, layers=tuple(p.layers),
         linears=p.linear_tuple(), other_params=dict(p.other), tie_word_embeddings=tied,
@@ -490,15 +491,14 @@ DECODERS: dict[str, Decoder] = {
     "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True),
     "qwen3_5_text": Decoder(qk_norm="head", gated_query=True, linear_attention=True),
     "qwen3_5_moe_text": Decoder(qk_norm="head", gated_query=True, moe="qwen3_5", linear_attention=True),
-    # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch for every projection
+    # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch
     "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
                           layer_norm=True, gated_mlp=False),
-    # SmolLM3: Llama's layout; every fourth layer has no rotary embedding (NoPE), and only those may slide
-    "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope="no_rope_layers"),
-    # EXAONE 4: OLMo 2's post-norm layer (layouts) with per-head qk-norms; global layers have no rotary
-    "exaone4": Decoder(qk_norm="head", windows="pattern", nope="global"),
-    # Granite 3: Llama's layout; its multipliers are compute knobs (layouts)
-    "granite": Decoder(mlp_bias_key="mlp_bias"),
+    "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope="no_rope_layers"),  # NoPE layers may slide
+    "exaone4": Decoder(qk_norm="head", windows="pattern", nope="global"),  # OLMo 2's post-norm layer (layouts)
+    # Phi-3.5-MoE: Mixtral's experts behind LayerNorms with biases (its sparsemixer router: T x E tensors)
+    "phimoe": Decoder(windows="all", moe="mixtral", layer_norm=True, lm_head_bias_key="lm_head_bias"),
+    "granite": Decoder(mlp_bias_key="mlp_bias"),  # Llama's layout; its multipliers are compute knobs (layouts)
     # OLMo 2/3: qk-norms over the whole projections, post-norms (layouts); OLMo 3: windows, rotary per type
     "olmo2": Decoder(qk_norm="full"),
     "olmo3": Decoder(qk_norm="full", windows="olmo3", rotary_per_layer_type=True),

@@ -185,7 +185,8 @@ def test_new_family_replay_matches_the_trace(name, layers, overrides, shape, att
 # the part above the weights (its multi-head sliding layers with their boolean mask: not found yet), so past
 # the window only the peak is held to 1%.
 DEFAULTS = [("Olmo3Config", {}), ("Exaone4Config", {}), ("Gemma3Config", {}), ("SmolLM3Config", {}),
-            ("SmolLM3Config", {"use_sliding_window": True, "sliding_window": 4096})]  # the NoPE layers slide
+            ("SmolLM3Config", {"use_sliding_window": True, "sliding_window": 4096}),  # the NoPE layers slide
+            ("PhimoeConfig", {}), ("PhimoeConfig", {"attention_bias": True, "lm_head_bias": True, "sliding_window": 4096})]
 DEFAULTS_WORKLOADS = [("generate", 2048, 4, 16), ("forward", 6000, 1, 0)]  # (also measured: forward 2048, generate 6000)
 
 
