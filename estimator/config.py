@@ -199,6 +199,11 @@ def _aliased(data: dict, attribute_map: Mapping[str, str], fields: set) -> dict:
     return data
 
 
+# Keys a config class's __post_init__ pops into rope_parameters["partial_rotary_factor"] when the rope dict
+# has none (GPTNeoXConfig: ``rotary_pct``, default 0.25).
+_LEGACY_ROTARY_KEYS = {"gpt_neox": "rotary_pct"}
+
+
 def _partial_rotary_factor(data: Mapping, defaults: Mapping):
     """transformers' RotaryEmbeddingConfigMixin.convert_rope_params_to_dict priority: the rope dict
     (``rope_scaling`` wins over ``rope_parameters``), then the top-level key, then the class default."""
@@ -210,6 +215,9 @@ def _partial_rotary_factor(data: Mapping, defaults: Mapping):
             return rope["partial_rotary_factor"]
     if data.get("partial_rotary_factor") is not None:
         return data["partial_rotary_factor"]
+    legacy = _LEGACY_ROTARY_KEYS.get(data.get("model_type"))
+    if legacy and data.get(legacy) is not None:
+        return data[legacy]
     default_rope = defaults.get("rope_parameters")
     if isinstance(default_rope, Mapping) and default_rope.get("partial_rotary_factor") is not None:
         return default_rope["partial_rotary_factor"]

@@ -97,7 +97,8 @@ class Decoder:
     # Which layers slide when the config has no layer_types: "none"; "all" (Mistral); "qwen" (layers from
     # max_window_layers on, when use_sliding_window); "qwen_all" (every layer, when use_sliding_window);
     # "alternate" (Gemma 2); "pattern" (Gemma 3: one global layer per sliding_window_pattern); "llama4"
-    # (chunked attention on the RoPE layers, full attention on the NoPE ones); "qwen2_moe" (Qwen2-MoE: even
+    # (chunked attention on the RoPE layers, full attention on the NoPE ones); "olmo3" (every fourth layer
+    # global); "qwen2_moe" (Qwen2-MoE: even
     # layers below max_window_layers, when use_sliding_window).
     windows: str = "none"
     moe: str | None = None  # a key of _MOE, or None for a dense model
@@ -107,6 +108,15 @@ class Decoder:
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj tensor
     sinks: bool = False  # gpt-oss: one learned sink logit per head
     linear_attention: bool = False  # Qwen3-Next / Qwen3.5: gated delta-net layers where layer_types say so
+    layer_norm: bool = False  # StarCoder2: nn.LayerNorm (weight and bias) for every norm, the final one too
+    gated_mlp: bool = True  # False: StarCoder2's c_fc, act, c_proj (no gate)
+    mlp_bias: bool = False  # GPT-NeoX: the MLP's projections always have biases
+    neox_order: bool = False  # GPT-NeoX: the two norms first, then query_key_value before dense
+    parallel_residual_key: str | None = None  # GPT-NeoX: use_parallel_residual (ModelSpec.parallel_residual)
+    lm_head_bias_key: str | None = None  # Phi-3.5-MoE: lm_head_bias
+    # Layers without rotary (AttentionSpec.rope): "no_rope_layers" (SmolLM3: where no_rope_layers[i] == 0);
+    # "global" (EXAONE 4: the full-attention layers, when the config has a window)
+    nope: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,12 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     if dec.windows == "pattern":  # Gemma 3: every sliding_window_pattern-th layer is global
         pattern = cfg.get("sliding_window_pattern", 6)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if dec.windows == "smollm3":  # SmolLM3Config.__post_init__: the NoPE layers slide, when use_sliding_window
+        sliding = cfg.get("use_sliding_window", False) and window is not None
+        rope = _rope_layers(cfg, n_layers)
+        return ["sliding_attention" if sliding and not rope[i] else "full_attention" for i in range(n_layers)]
+    if dec.windows == "olmo3":  # Olmo3Config.__post_init__: every fourth layer is global
+        return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n_layers)]
     if dec.windows == "llama4":  # Llama4TextConfig.__post_init__: no_rope_layers[i] == 1 -> chunked
         interval = cfg.get("no_rope_layer_interval", 4)
         rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
@@ -196,6 +212,15 @@ def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
     if dec.windows == "all" and window:  # Mistral, Mixtral, Phi-3: every layer slides
         return ["sliding_attention"] * n_layers
     return ["full_attention"] * n_layers
+
+
+def _rope_layers(cfg: Config, n_layers: int) -> list[int]:
+    """SmolLM3Config.__post_init__: 1 where a layer applies RoPE; every no_rope_layer_interval-th does not."""
+    interval = cfg.get("no_rope_layer_interval", 4)
+    rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if len(rope) < n_layers:
+        raise cfg.fail(f"'{cfg.key('no_rope_layers')}' has {len(rope)} entries for {n_layers} layers")
+    return list(rope)
 
 
 def _moe_layer(cfg: Config, moe: MoE | None, i: int, n_layers: int) -> bool:
@@ -228,9 +253,13 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     o_bias = attn_bias if dec.o_bias is None else dec.o_bias
     if dec.o_bias_key:  # Seed-OSS: o_proj's bias has its own switch (attention_out_bias)
         o_bias = bool(cfg.get(dec.o_bias_key, False))
-    mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else False
+    mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else dec.mlp_bias
+    norm_tensors = dec.norms_per_layer * (2 if dec.layer_norm else 1)
     moe = _MOE[dec.moe] if dec.moe else None
     types = _layer_types(cfg, dec, n_layers)
+    rope = _rope_layers(cfg, n_layers) if dec.nope == "no_rope_layers" else [1] * n_layers
+    if dec.nope == "global" and cfg.get("sliding_window") is not None:  # Exaone4Attention: global NoPE
+        rope = [int(t == "sliding_attention") for t in types]
     p = _Parts()
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
 
@@ -246,42 +275,52 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
             window = cfg.get(window_key) if window_key else None
             if window_key and window is None:
                 raise cfg.fail(f"layer {i} is {layer_type} but '{cfg.key(window_key)}' is null or absent")
+            if dec.neox_order:
+                p.param("norm", hidden, norm_tensors)  # input_layernorm, post_attention_layernorm
             if dec.sinks:
                 p.param("other", heads)  # attention sinks: one logit per head, the module's own parameter
             q_width = q_out * (2 if dec.gated_query else 1)
             p.linear("attn", hidden, q_width, bias=qkv_bias, tensors=not dec.fused_qkv)
             p.linear("attn", hidden, kv_out, 2, bias=qkv_bias, tensors=not dec.fused_qkv)  # k_proj, v_proj
+            o_at = len(p.tensors)
             p.linear("attn", q_out, hidden, bias=o_bias)
             if dec.fused_qkv:  # Phi-3: one qkv_proj (q_out + 2 kv_out, hidden), registered after o_proj
-                p.tensors.append(hidden * (q_width + 2 * kv_out))
-                if qkv_bias:
-                    p.tensors.append(q_width + 2 * kv_out)
+                at = o_at if dec.neox_order else len(p.tensors)  # GPT-NeoX: query_key_value before dense
+                p.tensors[at:at] = [hidden * (q_width + 2 * kv_out)] + ([q_width + 2 * kv_out] if qkv_bias else [])
             if dec.qk_norm == "head":
                 p.param("norm", head_dim, 2)
             elif dec.qk_norm == "full":
                 p.param("norm", q_out)
                 p.param("norm", kv_out)
-            attention = AttentionSpec(kind, heads, kv_heads, head_dim, head_dim, window=window)
+            attention = AttentionSpec(kind, heads, kv_heads, head_dim, head_dim, window=window, rope=bool(rope[i]))
         if _moe_layer(cfg, moe, i, n_layers):
             mlp = _moe(cfg, moe, p, hidden)
         else:
             mlp = _dense_mlp(cfg, p, hidden, mlp_bias, width=cfg.need(dec.dense_width_key, "the MLP width"),
-                             fused=dec.fused_gate_up)
-        p.param("norm", hidden, dec.norms_per_layer)
+                             fused=dec.fused_gate_up, gated=dec.gated_mlp)
+        if not dec.neox_order:
+            p.param("norm", hidden, norm_tensors)
         p.add_layer(LayerSpec(attention, mlp))
 
     rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
     copies = len(set(types)) if dec.rotary_per_layer_type else 1
     buffers = copies * 2 * (rotary_dim // 2) + (1 if dec.embed_scale else 0)
-    return _finish(cfg, p, model_type, vocab, hidden, buffers)
+    if dec.layer_norm:
+        p.param("norm", hidden)  # the final LayerNorm's bias (its weight is counted by _finish)
+    head_bias = bool(cfg.get(dec.lm_head_bias_key, False)) if dec.lm_head_bias_key else False
+    spec = _finish(cfg, p, model_type, vocab, hidden, buffers, head_bias=head_bias)
+    if dec.parallel_residual_key:
+        spec = replace(spec, parallel_residual=bool(cfg.get(dec.parallel_residual_key, False)))
+    return spec
 
 
 def _dense_mlp(cfg: Config, p: _Parts, hidden: int, bias: bool = False, width: int | None = None,
-               role: str = "mlp", fused: bool = False) -> MLPSpec:
+               role: str = "mlp", fused: bool = False, gated: bool = True) -> MLPSpec:
     width = width or cfg.need("intermediate_size", "the MLP width")
-    p.linear(role, hidden, width, 2, bias=bias, fused=fused)  # gate_proj, up_proj (Phi-3: gate_up_proj)
+    # gate_proj, up_proj (Phi-3: gate_up_proj); StarCoder2: c_fc alone
+    p.linear(role, hidden, width, 2 if gated else 1, bias=bias, fused=fused)
     p.linear(role, width, hidden, bias=bias)
-    return MLPSpec("dense", width, gated=True)
+    return MLPSpec("dense", width, gated=gated)
 
 
 def _moe(cfg: Config, moe: MoE, p: _Parts, hidden: int) -> MLPSpec:
@@ -337,13 +376,13 @@ def _gated_delta_net(cfg: Config, p: _Parts, hidden: int) -> AttentionSpec:
 
 
 def _finish(cfg: Config, p: _Parts, model_type: str, vocab: int, hidden: int, buffers: int,
-            max_positions: int | None = None) -> ModelSpec:
+            max_positions: int | None = None, head_bias: bool = False) -> ModelSpec:
     tied = bool(cfg.get("tie_word_embeddings", False))
     p.other["embedding"] += vocab * hidden
     p.tensors[:0] = [vocab * hidden, *p.front]  # embed_tokens (GPT-2: wte, wpe) come before the layers
     p.param("norm", hidden)  # final norm
     if not tied:
-        p.linear("lm_head", hidden, vocab, quantizable=False)
+        p.linear("lm_head", hidden, vocab, bias=head_bias, quantizable=False)
     return ModelSpec(
         name=cfg.name, model_type=model_type, vocab_size=vocab, hidden_size=hidden, layers=tuple(p.layers),
         linears=p.linear_tuple(), other_params=dict(p.other), tie_word_embeddings=tied,
@@ -463,6 +502,20 @@ DECODERS: dict[str, Decoder] = {
     "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True),
     "qwen3_5_text": Decoder(qk_norm="head", gated_query=True, linear_attention=True),
     "qwen3_5_moe_text": Decoder(qk_norm="head", gated_query=True, moe="qwen3_5", linear_attention=True),
+    # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch
+    "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
+                          layer_norm=True, gated_mlp=False),
+    "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope="no_rope_layers"),  # NoPE layers may slide
+    "exaone4": Decoder(qk_norm="head", windows="pattern", nope="global"),  # OLMo 2's post-norm layer (layouts)
+    # Phi-3.5-MoE: Mixtral's experts behind LayerNorms with biases (its sparsemixer router: T x E tensors)
+    "phimoe": Decoder(windows="all", moe="mixtral", layer_norm=True, lm_head_bias_key="lm_head_bias"),
+    "granite": Decoder(mlp_bias_key="mlp_bias"),  # Llama's layout; its multipliers are compute knobs (layouts)
+    # OLMo 2/3: qk-norms over the whole projections, post-norms (layouts); OLMo 3: windows, rotary per type
+    "olmo2": Decoder(qk_norm="full"),
+    "olmo3": Decoder(qk_norm="full", windows="olmo3", rotary_per_layer_type=True),
+    # GPT-NeoX (Pythia, RedPajama-INCITE): one interleaved query_key_value, LayerNorms, a plain MLP with biases
+    "gpt_neox": Decoder(fused_qkv=True, layer_norm=True, gated_mlp=False, mlp_bias=True, neox_order=True,
+                        parallel_residual_key="use_parallel_residual"),
     # Llama 4: the L2 qk-norm has no weights; MoE layers add a shared expert; dense layers are wider
     "llama4_text": Decoder(windows="llama4", moe="llama4", dense_width_key="intermediate_size_mlp"),
 }

@@ -62,7 +62,10 @@ class _Layout:
 
 
 _LAYOUTS = {"gpt2": _Layout(base="transformer", embed="wte", layers="h", norm="ln_f", rotary=None,
-                            extra=("wpe", "drop"), leaves_per_layer=6)}
+                            extra=("wpe", "drop"), leaves_per_layer=6),
+            # GPTNeoXForCausalLM: gpt_neox.{embed_in, emb_dropout, layers, final_layer_norm, rotary_emb}, lm_head
+            "gpt_neox": _Layout(base="gpt_neox", embed="embed_in", norm="final_layer_norm", extra=("emb_dropout",),
+                                leaves_per_layer=6)}
 
 # Buffers inside a decoder layer, in elements at the model dtype: DeepseekV3TopkRouter registers
 # ``e_score_correction_bias = torch.zeros(n_routed_experts)`` (modeling_deepseek_v3.py) in each MoE layer.

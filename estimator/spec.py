@@ -58,6 +58,7 @@ class AttentionSpec:
     # Short-convolution state of linear-attention layers (Qwen3-Next: conv_dim x kernel per sequence),
     # always stored at the model's dtype, next to the recurrent state above.
     conv_state_elems: int = 0
+    rope: bool = True  # False: a NoPE layer (SmolLM3's no_rope_layers) skips the rotary embedding
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class ModelSpec:
     config_dtype: str | None = None  # the config's dtype / torch_dtype, canonical ("bfloat16"), if known
     # The fraction of head_dim that rotary embeddings rotate (rope_parameters / partial_rotary_factor).
     partial_rotary_factor: float = 1.0
+    # GPT-NeoX's use_parallel_residual: the MLP reads the layer's input, h + attn(ln1(h)) + mlp(ln2(h))
+    parallel_residual: bool = False
     # Every parameter tensor's elements in the order the modeling code registers them, summing to
     # num_parameters (estimator/families.py): the load order the replay's allocator starts from.
     parameter_tensors: tuple[int, ...] = field(default=(), repr=False, compare=False)

@@ -86,7 +86,9 @@ class Attention:
             v = t.new(v_n * a)
             if self.w.lora:  # LoRA hook
                 v = _lora.linear(self, "v_proj", T, H, nkv * dv, v)
-        if lay.rope == "partial":  # both rotations, then cat((rotated, pass), -1) for each
+        if not att.rope:  # a NoPE layer (SmolLM3): q and k go to the cache as they are
+            qe, ke = q, k
+        elif lay.rope == "partial":  # both rotations, then cat((rotated, pass), -1) for each
             qr = self.rope(q_n, whole=False)
             kr = self.rope(k_n, whole=False)
             qe = t.new(q_n * a)

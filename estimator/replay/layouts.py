@@ -34,6 +34,9 @@ class Layout:
     gated_attention: bool = False  # Qwen3-Next: q_proj also yields a gate; output * sigmoid(gate)
     shared_expert_gate: bool = False  # Qwen3-Next: shared expert first, scaled by sigmoid(gate(x))
     qk_norm: bool = False  # Qwen3, Gemma 3, OLMoE: q_norm(q_proj(x)), k_norm(k_proj(x))
+    post_norms: bool = False  # OLMo 2/3: no norm before attention or the MLP, one on each output
+    # Granite: inputs_embeds * embedding_multiplier, residual + out * residual_multiplier, logits / logits_scaling
+    multipliers: bool = False
 
 
 # Compute-only knobs by model_type. The knobs that follow from the parameter layout (fused projections,
@@ -41,10 +44,17 @@ class Layout:
 # sinks) come from estimator/families.py's DECODERS, one copy (``layout``); GPT-2 has no Decoder.
 LAYOUTS: dict[str, Layout] = {
     "phi3": Layout(rope="half_cat"),
+    # GPT-NeoX's apply_rotary_pos_emb cats (rotated, pass) whatever rotary_pct is (Phi-3's pattern)
+    "gpt_neox": Layout(rope="half_cat"),
     "gpt2": Layout(norm="layer", fused_qkv=True, rope="none", act="gelu_new", learned_positions=True,
                    eager_fp32_softmax=False),
     "gemma2": Layout(norm="rms_gemma", attn_softcap=True, final_softcap=True),
     "gemma3_text": Layout(norm="rms_gemma"),
+    # OLMo 2: Olmo2RMSNorm multiplies by the weight in fp32, then casts; norms on the block outputs only
+    "olmo2": Layout(norm="rms_gemma", post_norms=True),
+    "olmo3": Layout(norm="rms_gemma", post_norms=True),
+    "granite": Layout(multipliers=True),
+    "exaone4": Layout(post_norms=True),  # Exaone4RMSNorm is Llama's
     "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, expert_glu="gpt_oss"),
     "deepseek_v2": Layout(rope="complex", router_fp32=True),
     "deepseek_v3": Layout(router_fp32=True),
@@ -80,7 +90,7 @@ def layout(model_type: str) -> Layout:
     if dec is None:
         return lay
     moe = _MOE[dec.moe] if dec.moe else None
-    return replace(lay, fused_qkv=dec.fused_qkv, fused_gate_up=dec.fused_gate_up, qk_norm=dec.qk_norm is not None,
+    return replace(lay, norm="layer" if dec.layer_norm else lay.norm, fused_qkv=dec.fused_qkv, fused_gate_up=dec.fused_gate_up, qk_norm=dec.qk_norm is not None,
                    gated_attention=dec.gated_query, sandwich_norms=dec.norms_per_layer == 4,
                    embed_scale=dec.embed_scale, sinks=dec.sinks, expert_bias=bool(moe and moe.expert_bias),
                    shared_expert_gate=bool(moe and moe.shared == "gated"))

@@ -84,7 +84,7 @@ class Program(Blocks, Attention, GatedDeltaNet):
             t.layers(None, False)
             return t.new(b * V * a)
         emb = t.new(T * H * a)
-        if self.lay.embed_scale:  # the scaled embedding module: embedding(ids) * embed_scale
+        if self.lay.embed_scale or self.lay.multipliers:  # Gemma's embed_scale; Granite's embedding_multiplier
             scaled = t.new(T * H * a)
             t.free(emb)
             emb = scaled
@@ -113,8 +113,8 @@ class Program(Blocks, Attention, GatedDeltaNet):
         # the base model's locals (embeddings, cos/sin, masks) go when it returns, before the head
         t.free(*rot, *keep, *masks.values())
         logits = t.new(b * logits_positions * V * a)
-        if self.lay.final_softcap:
-            for _ in range(3):
+        if self.lay.final_softcap or self.lay.multipliers:  # Gemma 2: / cap, tanh, * cap; Granite: / logits_scaling
+            for _ in range(3 if self.lay.final_softcap else 1):
                 l2 = t.new(b * logits_positions * V * a)
                 t.free(logits)
                 logits = l2
@@ -129,22 +129,55 @@ class Program(Blocks, Attention, GatedDeltaNet):
         t, a = self.t, self.a
         T, H = self.b * step.q_len, self.spec.hidden_size
         # the caller's ``hidden_states`` keeps the layer's input alive until the layer returns
+        if self.lay.post_norms:
+            return self.post_norm_layer(i, layer, step, masks, h_in, keep)
         x = self.norm(T * H)
         y, weights = self.attention(i, layer, step, x, masks)
         if self.lay.sandwich_norms:
             y2 = self.norm(T * H)
             t.free(y)
             y = y2
+        if self.spec.parallel_residual:  # GPT-NeoX: mlp(ln2(h)) + attn + h, the sums left to right
+            m = self.mlp(layer, step, self.norm(T * H))
+            s = t.new(T * H * a)
+            t.free(m, y)
+            h = t.new(T * H * a)
+            t.free(s, weights)
+            if h_in not in keep:
+                t.free(h_in)
+            return h
+        scaled = t.new(T * H * a) if self.lay.multipliers else None  # Granite: out * residual_multiplier
         h1 = t.new(T * H * a)
-        t.free(y)
+        t.free(scaled, y)
         x2 = self.norm(T * H)  # post_attention_layernorm (Gemma: pre_feedforward_layernorm)
         y = self.mlp(layer, step, x2)
         if self.lay.sandwich_norms:
             y2 = self.norm(T * H)
             t.free(y)
             y = y2
+        scaled = t.new(T * H * a) if self.lay.multipliers else None
         h = t.new(T * H * a)
+        t.free(scaled)
         t.free(y, h1, weights)
+        if h_in not in keep:
+            t.free(h_in)
+        return h
+
+    def post_norm_layer(self, i: int, layer: LayerSpec, step: Step, masks: dict, h_in, keep: list):
+        """OLMo 2's ``Olmo2DecoderLayer``: h1 = h + norm(attn(h)); out = h1 + norm(mlp(h1)). The blocks read
+        the residual itself, so they free no input (``None``)."""
+        t, a = self.t, self.a
+        T, H = self.b * step.q_len, self.spec.hidden_size
+        y, weights = self.attention(i, layer, step, None, masks)
+        yn = self.norm(T * H)  # post_attention_layernorm
+        t.free(y)
+        h1 = t.new(T * H * a)
+        t.free(yn)
+        y = self.mlp(layer, step, None)
+        yn = self.norm(T * H)  # post_feedforward_layernorm
+        t.free(y)
+        h = t.new(T * H * a)
+        t.free(yn, h1, weights)
         if h_in not in keep:
             t.free(h_in)
         return h

@@ -22,7 +22,7 @@ _spec = importlib.util.spec_from_file_location("vramcal_coverage", ROOT / "bench
 coverage = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(coverage)
 
-FAST = {"llama": "replay", "olmo2": "trace", "granitemoehybrid": "trace", "bart": "trace", "minimax": "trace",
+FAST = {"llama": "replay", "olmo2": "replay", "granitemoehybrid": "trace", "bart": "trace", "minimax": "trace",
         "nemotron_h": "trace"}
 
 
