@@ -6,7 +6,7 @@ the prompt passes the window, transformers hands sdpa a boolean (1, 1, q, kv) ma
 the memory-efficient kernel, whose ``convert_boolean_attn_mask`` makes a full-size additive copy in the
 query's dtype on every call (2 GiB in bf16 at 32k, next to the 1 GiB boolean). The replay now models that
 (``estimator/replay/attention.py`` ``additive_mask``), and for gemma-3-1b also its view-only ``repeat_kv``
-(one KV head) and its second (cos, sin) pair. Two traces on fake tensors, about 10 s each on one core.
+(one KV head) and its second (cos, sin) pair. Three traces on fake tensors, about 10 s each on one core.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from estimator.terms import Workload
 pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("name", ["gemma-3-1b", "gemma-2-2b"])
+@pytest.mark.parametrize("name", ["gemma-3-1b", "gemma-2-2b", "mistral-7b"])
 def test_replay_matches_the_trace_at_32k_on_sliding_models(name):
     from harness.trace_estimate import simulate_events, trace_workload
 
@@ -37,9 +37,19 @@ def test_replay_matches_the_trace_at_32k_on_sliding_models(name):
 
 
 def test_unchecked_sliding_families_keep_the_raise():
+    import json
+
+    from estimator.catalogue import CONFIG_DIR
+    from estimator.families import spec_from_config
+
+    config = json.loads((CONFIG_DIR / "qwen2.5-0.5b.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=4096, max_window_layers=12)  # not checked on qwen2
+    spec = spec_from_config(config, "qwen2-sliding")
+    assert any(layer.attention.kind == "sliding" for layer in spec.layers)
     w = Workload(context=32768, compile="off")
-    est = estimate(load_model("mistral-7b"), w)  # sliding on every layer, not checked against traces at 32k
+    est = estimate(spec, w)
     assert est.high_extra_bytes > 0 and any("sliding-window" in n for n in est.notes)
-    short = estimate(load_model("mistral-7b"), Workload(context=LONG_SLIDING_PROMPT, new_tokens=16, compile="off"))
+    short = estimate(spec, Workload(context=LONG_SLIDING_PROMPT, new_tokens=16, compile="off"))
     assert short.high_extra_bytes == 0
+    assert estimate(load_model("mistral-7b"), w).high_extra_bytes == 0  # checked: matches the trace at 32k
     assert estimate(load_model("llama-3.2-1b"), w).high_extra_bytes == 0  # no sliding layers
