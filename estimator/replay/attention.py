@@ -152,14 +152,36 @@ class Attention:
             return out, None
         if a == 4 and gqa and not mask and d == dv and d <= 256:
             return self.math(att, q_len, kv_eff), None
-        # transformers repeats K/V (no enable_gqa), torch takes the memory-efficient kernel
+        # transformers repeats K/V (no enable_gqa), torch takes the memory-efficient kernel. With one KV head
+        # (MQA: gemma-3-1b) ``repeat_kv``'s expand(b, 1, n_rep, s, d).reshape(b, n_rep, s, d) is a view
+        # (integrations/sdpa_attention.py): nothing is copied
         reps = []
-        if gqa:
+        if gqa and nkv > 1:
             reps = [t.new(b * nh * kv_eff * d * a), t.new(b * nh * kv_eff * dv * a)]
+        additive = self.additive_mask(q_len, kv_len) if mask else None
         out = t.new(out_bytes)
         lse = t.new(b * nh * (-(-q_len // 32) * 32) * 4)
-        t.free(lse, *reps)
+        t.free(lse, additive, *reps)
         return out, None
+
+    def additive_mask(self, q_len: int, kv_len):
+        """The memory-efficient kernel's copy of a boolean (b, 1, q, kv) mask, made on every call.
+
+        PyTorch ``aten/src/ATen/native/transformers/attention.cpp`` ``convert_boolean_attn_mask``:
+        ``where(attn_mask.logical_not(), -inf, 0)`` in the query's dtype (a boolean temporary, then the
+        additive mask); then ``sdp_utils`` ``preprocess_mask`` / ``pad_bias<8>``: a copy padded to a multiple
+        of 8 keys when its rows are not aligned. At 32k tokens this is 2 GiB in bf16 on every sliding layer,
+        next to the 1 GiB boolean mask the model holds (the trace's ``_efficient_sdpa``)."""
+        t, a, b = self.t, self.a, self.b
+        n = b * q_len * kv_len
+        inverted = t.new(n)  # attn_mask.logical_not()
+        additive = t.new(n * a)
+        t.free(inverted)
+        if isinstance(kv_len, int) and kv_len % 8:  # a decode step's kv may be symbolic: its mask is tiny
+            padded = t.new(b * q_len * (kv_len + (-kv_len) % 8) * a)
+            t.free(additive)
+            additive = padded
+        return additive
 
     def math(self, att: AttentionSpec, q_len: int, kv_len: int):
         """sdpa's math kernel at fp32 with enable_gqa (``_scaled_dot_product_attention_math``)."""
@@ -195,7 +217,7 @@ class Attention:
         dv = att.v_head_dim or d
         S = b * nh * q_len * kv_len * a
         reps = []
-        if nkv < nh:  # repeat_kv
+        if 1 < nkv < nh:  # repeat_kv; with one KV head a view (see core_attention)
             reps = [t.new(b * nh * kv_len * d * a), t.new(b * nh * kv_len * dv * a)]
         qc = t.new(b * nh * q_len * d * a) if q_len > 1 else None  # matmul's contiguous query
         s1 = t.new(S)
@@ -288,8 +310,9 @@ class Attention:
         """The 4D masks the base model builds before its layers (masking_utils), by layer kind.
 
         eager: a float (b, 1, q, kv) mask per layer kind (full, sliding), kv from the cache layer's
-        ``get_mask_sizes`` (``_mask_kv``). sdpa: none while the prompt has no padding, except a boolean one
-        for sliding layers once kv reaches the window.
+        ``get_mask_sizes`` (``_mask_kv``). sdpa: none while the prompt has no padding, except a boolean
+        (1, 1, q, kv) one, expanded over the batch, for sliding layers once kv reaches the window (each
+        sliding layer's memory-efficient kernel then makes its full-size additive copy: ``additive_mask``).
         """
         t, a, b = self.t, self.a, self.b
         q_len, kv = step.q_len, step.past + step.q_len
@@ -305,12 +328,15 @@ class Attention:
         elif self.attn == "sdpa" and sliding and kv >= min(sliding):
             wanted.append(("sliding", 1, kv))
         for name, elem, kv in wanted:
-            b1 = t.new(b * q_len * kv)  # boolean pieces (causal, window, padding) combined
-            b2 = t.new(b * q_len * kv)
+            # boolean pieces (causal, window) combined: without padding the mask functions do not read the
+            # batch index, so they are (1, 1, q, kv), and sdpa_mask's ``expand(batch_size, ...)`` is a view
+            # (masking_utils.py ``sdpa_mask``, ``_non_vmap_expansion_sdpa``); eager_mask's where() is full size
+            b1 = t.new(q_len * kv)
+            b2 = t.new(q_len * kv)
             t.free(b1)
             if elem == 1:
-                b3 = t.new(b * q_len * kv)
-                m = t.new(b * q_len * kv)
+                b3 = t.new(q_len * kv)
+                m = t.new(q_len * kv)
                 t.free(b3, b2)
             else:
                 m = t.new(b * q_len * kv * elem)  # where(mask, 0, min_dtype)

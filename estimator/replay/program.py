@@ -23,6 +23,12 @@ from estimator.spec import AttentionSpec, LayerSpec, ModelSpec
 TRANSFORMERS_VERSION = "5.17"
 
 
+# Families whose base model makes one (cos, sin) pair per layer type, all held through the layers
+# (transformers 5.17 models/gemma3/modeling_gemma3.py ``Gemma3TextModel.forward``: ``for layer_type in
+# set(self.config.layer_types): position_embeddings[layer_type] = self.rotary_emb(..., layer_type)``).
+ROTARY_PER_LAYER_TYPE = frozenset({"gemma3_text"})
+
+
 class Program(Blocks, Attention, GatedDeltaNet):
     """One model's forwards over the tape. Sizes in bytes; ``a`` is the activation dtype's bytes."""
 
@@ -99,12 +105,16 @@ class Program(Blocks, Attention, GatedDeltaNet):
                      default=0) * self.rotary_fraction
             if any(l.attention.kind == "mla" for l in spec.layers):
                 dh = max(l.attention.qk_rope_head_dim for l in spec.layers)
-            freqs = t.new(T * dh / 2 * 4)
-            embf = t.new(T * dh * 4)
-            c32 = t.new(T * dh * 4)
-            s32 = t.new(T * dh * 4)
-            rot = [t.new(T * dh * a), t.new(T * dh * a)]
-            t.free(freqs, embf, c32, s32)
+            sets = 1
+            if spec.model_type in ROTARY_PER_LAYER_TYPE:
+                sets = len({l.attention.kind for l in spec.layers if l.attention.kind in ("full", "sliding")})
+            for _ in range(sets):
+                freqs = t.new(T * dh / 2 * 4)
+                embf = t.new(T * dh * 4)
+                c32 = t.new(T * dh * 4)
+                s32 = t.new(T * dh * 4)
+                rot += [t.new(T * dh * a), t.new(T * dh * a)]
+                t.free(freqs, embf, c32, s32)
         masks = self.make_masks(step)
         h = t.layers(h, h in keep)  # every decoder layer (``layer``), each freeing its input
         hn = self.norm(T * H)
