@@ -38,10 +38,10 @@ def _llama_2_layers() -> dict:
     return config
 
 
-def _olmo2_2_layers() -> dict:
-    """transformers' Olmo2 defaults (hidden 4096, 32 heads, vocab 50304), 2 layers: a type the replay lacks."""
-    d = transformers.AutoConfig.for_model("olmo2", num_hidden_layers=2).to_dict()
-    d["model_type"] = "olmo2"
+def _unknown_2_layers() -> dict:
+    """transformers' OLMo (1) defaults (hidden 4096, 32 heads, vocab 50304), 2 layers: a type the replay lacks."""
+    d = transformers.AutoConfig.for_model("olmo", num_hidden_layers=2).to_dict()
+    d["model_type"] = "olmo"
     return d
 
 
@@ -106,12 +106,12 @@ def test_trace_engine_agrees_with_the_replay(workload):
 
 # ---- a model type the replay does not know ---------------------------------------------------------------
 def test_unknown_type_gets_a_sane_trace_estimate():
-    config = _olmo2_2_layers()
-    with pytest.raises(UserError, match="olmo2"):
-        spec_from_config(config, "olmo2")  # the replay cannot read it
-    est = trace_estimate(config, "olmo2-2l", GEN, DEFAULT)
+    config = _unknown_2_layers()
+    with pytest.raises(UserError, match="olmo"):
+        spec_from_config(config, "olmo")  # the replay cannot read it
+    est = trace_estimate(config, "olmo-2l", GEN, DEFAULT)
     n, weights = _meta_counts(config)
-    cfg = transformers.AutoConfig.for_model("olmo2")
+    cfg = transformers.AutoConfig.for_model("olmo")
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     # KV: 2 layers x (K, V) x batch 2 x kv heads x head dim x (context - 1) tokens x 2 bytes
     kv = 2 * 2 * 2 * cfg.num_key_value_heads * head_dim * (GEN.context - 1) * 2
@@ -127,7 +127,7 @@ def test_unknown_type_gets_a_sane_trace_estimate():
     assert abs(est.peak_allocated_bytes - truth) <= 0.02 * truth
     assert est.as_dict()["engine"] == "trace"
 
-    static = trace_estimate(config, "olmo2-2l", replace(GEN, cache="static"), DEFAULT)
+    static = trace_estimate(config, "olmo-2l", replace(GEN, cache="static"), DEFAULT)
     # StaticCache(max_cache_len = context - 1), as generate makes it, and each layer's int64 length counter
     assert static.kv_cache_bytes == kv + 2 * 8
 
@@ -145,13 +145,13 @@ def test_linear_attention_states_count_as_cache():
 # ---- choosing the engine ---------------------------------------------------------------------------------
 def test_engine_choice(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(_olmo2_2_layers()))
+    path.write_text(json.dumps(_unknown_2_layers()))
     assert resolve_model("llama-3.2-1b").engine == "replay"
     assert resolve_model("llama-3.2-1b", "trace").engine == "trace"
     model = resolve_model(str(path))
     assert model.engine == "trace" and model.spec is None and model.name == tmp_path.name
-    assert model.max_position_embeddings == transformers.AutoConfig.for_model("olmo2").max_position_embeddings
-    with pytest.raises(UserError, match="replay engine does not know model_type 'olmo2'"):
+    assert model.max_position_embeddings == transformers.AutoConfig.for_model("olmo").max_position_embeddings
+    with pytest.raises(UserError, match="replay engine does not know model_type 'olmo'"):
         resolve_model(str(path), "replay")
 
 
@@ -188,12 +188,12 @@ def _vramcal(*args, hide_torch: bool = False):
 
 def test_cli_estimate_of_an_unknown_type_uses_the_trace(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(_olmo2_2_layers()))
+    path.write_text(json.dumps(_unknown_2_layers()))
     r = _vramcal("estimate", str(path), "--context", "512", "--batch", "2", "--new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["engine"] == "trace" and out["engine_version"] == transformers.__version__
-    assert out["weights_bytes"] == _meta_counts(_olmo2_2_layers())[1]
+    assert out["weights_bytes"] == _meta_counts(_unknown_2_layers())[1]
     assert out["low_bytes"] <= out["total_bytes"] <= out["high_bytes"] and out["gpus"]
 
     text = _vramcal("estimate", str(path), "--context", "512", "--batch", "2", "--new-tokens", "4")
@@ -205,10 +205,10 @@ def test_cli_estimate_of_an_unknown_type_uses_the_trace(tmp_path):
 
 def test_cli_without_torch_names_the_extra(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(_olmo2_2_layers()))
+    path.write_text(json.dumps(_unknown_2_layers()))
     r = _vramcal("estimate", str(path), hide_torch=True)
     assert r.returncode == 2
-    assert "pip install 'vramcal[harness]'" in r.stderr and "olmo2" in r.stderr
+    assert "pip install 'vramcal[harness]'" in r.stderr and "olmo" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     ok = _vramcal("estimate", "llama-3.2-1b", "--json", hide_torch=True)  # the replay needs no torch
     assert ok.returncode == 0, ok.stderr
@@ -217,7 +217,7 @@ def test_cli_without_torch_names_the_extra(tmp_path):
 
 def test_cli_max_batch_on_the_trace_engine(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(_olmo2_2_layers()))
+    path.write_text(json.dumps(_unknown_2_layers()))
     r = _vramcal("max-batch", str(path), "--gpu", "L4", "--context", "2048", "--new-tokens", "2", "--point",
                  "--json")
     assert r.returncode == 0, r.stderr
