@@ -64,6 +64,11 @@ class Workload:
         _check_choice("compile", self.compile, COMPILE_MODES)
         _check_size("context", self.context)
         _check_size("batch", self.batch)
+        if self.batch * max(self.context, self.max_cache_len or 0) > MAX_SIZE:
+            # every token holds at least a byte of hidden state: 2**40 tokens is beyond any GPU, and the
+            # replay's allocator keys tensors up to batch x context**2 x heads x 4 bytes far below 2**96
+            raise UserError(f"--batch x --context = {self.batch * max(self.context, self.max_cache_len or 0):,} "
+                            f"tokens is beyond any GPU (at most {MAX_SIZE:,} tokens in all)")
         if self.max_cache_len is not None:
             _check_size("max-cache-len", self.max_cache_len)
         object.__setattr__(self, "dtype", _compute_dtype(self.dtype))
