@@ -1,6 +1,6 @@
 """The estimate's allocated peak against Qwen's published Qwen2.5 memory table (issue 11, part 3).
 
-Rows: ``/work/shared/reference/external/qwen2.5-speed-benchmark.jsonl`` (``../shared/reference/external`` from
+Rows: ``results/reference/external/qwen2.5-speed-benchmark.jsonl`` (a copy of ``../shared/reference/external``'s, from
 the repository, or ``--rows``): Qwen2.5-0.5B..72B-Instruct in BF16, GPTQ-Int8, GPTQ-Int4 and AWQ, batch 1,
 inputs of 1..30,720 tokens plus 2,048 generated, flash_attention_2, on A100 80GB with transformers 4.46,
 AutoGPTQ 0.7.1, AutoAWQ 0.2.6. The published figure is ``torch.cuda.max_memory_allocated()`` summed over the
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ROWS = REPO.parent / "shared" / "reference" / "external" / "qwen2.5-speed-benchmark.jsonl"
+ROWS = REPO / "results" / "reference" / "external" / "qwen2.5-speed-benchmark.jsonl"
 QUANT = {"BF16": None, "GPTQ-Int8": "gptq-int8", "GPTQ-Int4": "gptq-int4", "AWQ": "awq-int4"}
 GIB = 2**30
 
