@@ -125,19 +125,7 @@ class GatedDeltaNet:
         # (the decay always) ``to`` aliases, since the transposed view's suggested format is contiguous
         q32, k32, v32, be32 = (t.new(n) if a < 4 else None for n in (qk, qk, vv, T * nv * 4))
         de32 = None
-        normed = []
-        for x32 in (q32, k32):  # l2norm: x * rsqrt((x * x).sum(-1) + eps)
-            sq = t.new(qk)
-            sm = t.new(T * nv * 4)
-            t.free(sq)
-            se = t.new(T * nv * 4)
-            t.free(sm)
-            r = t.new(T * nv * 4)
-            t.free(se)
-            xn = t.new(qk)
-            t.free(r, x32)
-            normed.append(xn)
-        qn, kn = normed
+        qn, kn = (self._l2norm(x32, qk, T * nv) for x32 in (q32, k32))
         qs = t.new(qk)  # query * scaling
         t.free(qn)
         qp, kp, vp = t.new(pqk), t.new(pqk), t.new(pvv)  # F.pad to a multiple of the chunk
@@ -220,17 +208,7 @@ class GatedDeltaNet:
         qk = T * nv * dk * 4
         # query, key, value, beta to fp32 (one token: the transposes are contiguous, so no copy at fp32)
         q32, k32, v32, be32 = (t.new(n) if a < 4 else None for n in (qk, qk, T * nv * dv * 4, T * nv * 4))
-        normed = []
-        for x32 in (q32, k32):  # l2norm
-            sq = t.new(qk)
-            sm = t.new(T * nv * 4)
-            t.free(sq)
-            se = t.new(T * nv * 4)
-            t.free(sm)
-            r = t.new(T * nv * 4)
-            t.free(se)
-            normed.append(t.new(qk))
-            t.free(r, x32)
+        normed = [self._l2norm(x32, qk, T * nv) for x32 in (q32, k32)]
         qs = t.new(qk)  # query / sqrt(dk)
         t.free(normed[0])
         small = [qs, normed[1], v32, be32]
@@ -250,3 +228,18 @@ class GatedDeltaNet:
             out = core
         t.free(*small)
         return out, s2
+
+    def _l2norm(self, x32, qk: int, rows: int):
+        """``l2norm`` of a fp32 block of ``qk`` bytes over ``rows`` head rows: x * rsqrt((x * x).sum(-1) + eps);
+        frees ``x32``, returns the normed block."""
+        t = self.t
+        sq = t.new(qk)
+        sm = t.new(rows * 4)
+        t.free(sq)
+        se = t.new(rows * 4)
+        t.free(sm)
+        r = t.new(rows * 4)
+        t.free(se)
+        xn = t.new(qk)
+        t.free(r, x32)
+        return xn
