@@ -1,8 +1,9 @@
 """Model families: a config.json (as a dict) becomes a ModelSpec, exact to the parameter.
 
-One small builder per family, registered by ``model_type`` in ``FAMILIES``. Most decoders are
-llama-like and share ``_decoder``, steered by the knobs of ``Decoder``; DeepSeek (multi-head latent
-attention) and GPT-2 (its own key names, Conv1D, learned positions) have their own builders.
+Each model type has one ``Family`` record (``estimator/family.py``); ``FAMILIES`` maps the type to the
+builder its record names. Most decoders are llama-like and share ``_decoder``, steered by the record's
+knobs; DeepSeek (multi-head latent attention) and GPT-2 (its own key names, Conv1D, learned positions)
+have their own builders.
 
 The layouts follow the transformers 5.x modeling code (``models/<family>/modeling_<family>.py``):
 ``tests/harness/test_param_count_meta.py`` builds every catalogue config on the meta device and checks
@@ -19,16 +20,17 @@ its language model's plus the towers ``estimator/towers.py`` counts (``ModelSpec
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 from estimator.config import MAX_TENSOR_ELEMS, Config, ParsedConfig, parse_config
 from estimator.dtypes import normalize_dtype
 from estimator.errors import UserError
+from estimator.family import FAMILY, Family, MoE
 from estimator.spec import AttentionSpec, LayerSpec, Linear, MLPSpec, ModelSpec
 from estimator.towers import WRAPPERS, count_towers
 
-__all__ = ["Config", "DECODERS", "FAMILIES", "spec_from_config"]
+__all__ = ["Config", "FAMILIES", "spec_from_config"]
 
 
 class _Parts:
@@ -78,74 +80,6 @@ class _Parts:
 # The generic llama-like decoder
 
 
-@dataclass(frozen=True)
-class Decoder:
-    """What distinguishes one llama-like family from another (transformers 5.x layouts).
-
-    Defaults of optional keys are not here: they are the config class's, from the generated table.
-    """
-
-    qkv_bias: bool | None = None  # None: config's attention_bias; Qwen2 hard-codes q/k/v biases
-    o_bias: bool | None = None  # None: config's attention_bias
-    qkv_bias_key: str | None = None  # a config key switching the q/k/v biases (Qwen2-MoE: qkv_bias)
-    o_bias_key: str | None = None  # a config key switching o_proj's bias (Seed-OSS: attention_out_bias)
-    qk_norm: str | None = None  # "head": RMSNorm(head_dim) on q and k; "full": over the whole projection
-    gated_query: bool = False  # Qwen3-Next / Qwen3.5 full attention: q_proj also emits a sigmoid gate
-    mlp_bias_key: str | None = None  # config key switching biases on the dense MLP (Llama: mlp_bias)
-    dense_width_key: str = "intermediate_size"  # Llama 4: intermediate_size_mlp for its dense layers
-    norms_per_layer: int = 2  # Gemma 2/3 add pre/post feed-forward norms
-    # Which layers slide when the config has no layer_types: "none"; "all" (Mistral); "qwen" (layers from
-    # max_window_layers on, when use_sliding_window); "qwen_all" (every layer, when use_sliding_window);
-    # "alternate" (Gemma 2); "pattern" (Gemma 3: one global layer per sliding_window_pattern); "llama4"
-    # (chunked attention on the RoPE layers, full attention on the NoPE ones); "olmo3" (every fourth layer
-    # global); "qwen2_moe" (Qwen2-MoE: even
-    # layers below max_window_layers, when use_sliding_window).
-    windows: str = "none"
-    moe: str | None = None  # a key of _MOE, or None for a dense model
-    rotary_per_layer_type: bool = False  # Gemma 3: one rotary embedding per layer type its layers use
-    embed_scale: bool = False  # Gemma's scaled embedding registers a scalar buffer
-    fused_qkv: bool = False  # Phi-3: one qkv_proj tensor (the same parameters as q, k, v)
-    fused_gate_up: bool = False  # Phi-3: one gate_up_proj tensor
-    sinks: bool = False  # gpt-oss: one learned sink logit per head
-    linear_attention: bool = False  # Qwen3-Next / Qwen3.5: gated delta-net layers where layer_types say so
-    layer_norm: bool = False  # StarCoder2: nn.LayerNorm (weight and bias) for every norm, the final one too
-    gated_mlp: bool = True  # False: StarCoder2's c_fc, act, c_proj (no gate)
-    mlp_bias: bool = False  # GPT-NeoX: the MLP's projections always have biases
-    neox_order: bool = False  # GPT-NeoX: the two norms first, then query_key_value before dense
-    parallel_residual_key: str | None = None  # GPT-NeoX: use_parallel_residual (ModelSpec.parallel_residual)
-    lm_head_bias_key: str | None = None  # Phi-3.5-MoE: lm_head_bias
-    # Layers without rotary (AttentionSpec.rope): "no_rope_layers" (SmolLM3: where no_rope_layers[i] == 0);
-    # "global" (EXAONE 4: the full-attention layers, when the config has a window)
-    nope: str | None = None
-
-
-@dataclass(frozen=True)
-class MoE:
-    """One family's mixture-of-experts block (transformers 5 fuses the experts into 3-D tensors)."""
-
-    experts_key: str  # the config key transformers' modeling code reads for the expert count
-    width_key: str = "intermediate_size"
-    # Which layers are MoE: "every"; "sparse_step" (Qwen: every decoder_sparse_step-th, less mlp_only_layers);
-    # "moe_layers" (Llama 4: moe_layers, else every interleave_moe_layer_step-th)
-    placement: str = "every"
-    expert_bias: bool = False  # gpt-oss: biases on experts and router
-    shared: str | None = None  # None; "gated": Qwen's shared expert and its sigmoid gate; "plain": Llama 4's
-    router_first: bool = False  # the block registers its router (``gate``) before the experts (parameter order)
-
-
-_MOE: dict[str, MoE] = {
-    "mixtral": MoE("num_local_experts", router_first=True),
-    "olmoe": MoE("num_experts", router_first=True),
-    "gpt_oss": MoE("num_local_experts", expert_bias=True, router_first=True),
-    "qwen": MoE("num_experts", "moe_intermediate_size", placement="sparse_step"),
-    "qwen_next": MoE("num_experts", "moe_intermediate_size", placement="sparse_step", shared="gated",
-                     router_first=True),
-    "qwen3_5": MoE("num_experts", "moe_intermediate_size", shared="gated"),
-    "qwen2": MoE("num_experts", "moe_intermediate_size", placement="sparse_step", shared="gated", router_first=True),
-    "llama4": MoE("num_local_experts", placement="moe_layers", shared="plain"),
-}
-
-
 def _head_dim(cfg: Config) -> int:
     heads = cfg.need("num_attention_heads", "the attention projections")
     head_dim = cfg.get("head_dim")  # absent: the class default (Qwen3: 128), which may not be hidden / heads
@@ -167,7 +101,7 @@ _ATTENTION_TYPES = {
 }
 
 
-def _layer_types(cfg: Config, dec: Decoder, n_layers: int) -> list[str]:
+def _layer_types(cfg: Config, dec: Family, n_layers: int) -> list[str]:
     """Each layer's token mixer as transformers' config classes derive it."""
     explicit = cfg.data.get("layer_types")
     if explicit:
@@ -239,7 +173,7 @@ def _moe_layer(cfg: Config, moe: MoE | None, i: int, n_layers: int) -> bool:
     return i not in (cfg.get("mlp_only_layers") or []) and experts > 0 and (i + 1) % step == 0
 
 
-def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
+def _decoder(cfg: Config, dec: Family, model_type: str) -> ModelSpec:
     hidden = cfg.need("hidden_size", "the model width")
     vocab = cfg.need("vocab_size", "the embedding and the head")
     n_layers = cfg.need("num_hidden_layers", "the layer count")
@@ -254,8 +188,8 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     if dec.o_bias_key:  # Seed-OSS: o_proj's bias has its own switch (attention_out_bias)
         o_bias = bool(cfg.get(dec.o_bias_key, False))
     mlp_bias = bool(cfg.get(dec.mlp_bias_key, False)) if dec.mlp_bias_key else dec.mlp_bias
-    norm_tensors = dec.norms_per_layer * (2 if dec.layer_norm else 1)
-    moe = _MOE[dec.moe] if dec.moe else None
+    norm_tensors = dec.norms_per_layer * (2 if dec.norm == "layer" else 1)
+    moe = dec.moe
     types = _layer_types(cfg, dec, n_layers)
     rope = _rope_layers(cfg, n_layers) if dec.nope == "no_rope_layers" else [1] * n_layers
     if dec.nope == "global" and cfg.get("sliding_window") is not None:  # Exaone4Attention: global NoPE
@@ -305,7 +239,7 @@ def _decoder(cfg: Config, dec: Decoder, model_type: str) -> ModelSpec:
     rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
     copies = len(set(types)) if dec.rotary_per_layer_type else 1
     buffers = copies * 2 * (rotary_dim // 2) + (1 if dec.embed_scale else 0)
-    if dec.layer_norm:
+    if dec.norm == "layer":
         p.param("norm", hidden)  # the final LayerNorm's bias (its weight is counted by _finish)
     head_bias = bool(cfg.get(dec.lm_head_bias_key, False)) if dec.lm_head_bias_key else False
     spec = _finish(cfg, p, model_type, vocab, hidden, buffers, head_bias=head_bias)
@@ -482,49 +416,15 @@ def _gpt2(cfg: Config, model_type: str) -> ModelSpec:
 # ---------------------------------------------------------------------------------------------------
 # The registry
 
-_GEMMA = dict(norms_per_layer=4, embed_scale=True)
-
-DECODERS: dict[str, Decoder] = {
-    "llama": Decoder(mlp_bias_key="mlp_bias"),
-    "mistral": Decoder(windows="all"),
-    "seed_oss": Decoder(mlp_bias_key="mlp_bias", o_bias_key="attention_out_bias"),  # Llama's code, two bias keys
-    "qwen2": Decoder(qkv_bias=True, o_bias=False, windows="qwen"),
-    "qwen3": Decoder(qk_norm="head", windows="qwen"),
-    "phi3": Decoder(windows="all", fused_qkv=True, fused_gate_up=True),
-    "gemma2": Decoder(windows="alternate", **_GEMMA),
-    "gemma3_text": Decoder(qk_norm="head", windows="pattern", rotary_per_layer_type=True, **_GEMMA),
-    "mixtral": Decoder(windows="all", moe="mixtral"),
-    "qwen3_moe": Decoder(qk_norm="head", windows="qwen_all", moe="qwen"),
-    # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): the router, the experts, then a gated shared expert
-    "qwen2_moe": Decoder(qkv_bias_key="qkv_bias", o_bias=False, windows="qwen2_moe", moe="qwen2"),
-    "olmoe": Decoder(qk_norm="full", moe="olmoe"),
-    "gpt_oss": Decoder(moe="gpt_oss", sinks=True),
-    "qwen3_next": Decoder(qk_norm="head", gated_query=True, moe="qwen_next", linear_attention=True),
-    "qwen3_5_text": Decoder(qk_norm="head", gated_query=True, linear_attention=True),
-    "qwen3_5_moe_text": Decoder(qk_norm="head", gated_query=True, moe="qwen3_5", linear_attention=True),
-    # StarCoder2: LayerNorms with biases, a plain c_fc/c_proj MLP, one use_bias switch
-    "starcoder2": Decoder(qkv_bias_key="use_bias", o_bias_key="use_bias", mlp_bias_key="use_bias", windows="all",
-                          layer_norm=True, gated_mlp=False),
-    "smollm3": Decoder(mlp_bias_key="mlp_bias", windows="smollm3", nope="no_rope_layers"),  # NoPE layers may slide
-    "exaone4": Decoder(qk_norm="head", windows="pattern", nope="global"),  # OLMo 2's post-norm layer (layouts)
-    # Phi-3.5-MoE: Mixtral's experts behind LayerNorms with biases (its sparsemixer router: T x E tensors)
-    "phimoe": Decoder(windows="all", moe="mixtral", layer_norm=True, lm_head_bias_key="lm_head_bias"),
-    "granite": Decoder(mlp_bias_key="mlp_bias"),  # Llama's layout; its multipliers are compute knobs (layouts)
-    # OLMo 2/3: qk-norms over the whole projections, post-norms (layouts); OLMo 3: windows, rotary per type
-    "olmo2": Decoder(qk_norm="full"),
-    "olmo3": Decoder(qk_norm="full", windows="olmo3", rotary_per_layer_type=True),
-    # GPT-NeoX (Pythia, RedPajama-INCITE): one interleaved query_key_value, LayerNorms, a plain MLP with biases
-    "gpt_neox": Decoder(fused_qkv=True, layer_norm=True, gated_mlp=False, mlp_bias=True, neox_order=True,
-                        parallel_residual_key="use_parallel_residual"),
-    # Llama 4: the L2 qk-norm has no weights; MoE layers add a shared expert; dense layers are wider
-    "llama4_text": Decoder(windows="llama4", moe="llama4", dense_width_key="intermediate_size_mlp"),
+_BUILDERS: dict[str, Callable[[Config, Family, str], ModelSpec]] = {
+    "decoder": _decoder,
+    "deepseek": lambda cfg, fam, model_type: _deepseek(cfg, model_type),
+    "gpt2": lambda cfg, fam, model_type: _gpt2(cfg, model_type),
 }
 
+# model_type -> the builder of its ModelSpec, from its record in estimator/family.py
 FAMILIES: dict[str, Callable[[Config, str], ModelSpec]] = {
-    **{mt: (lambda cfg, mt, dec=dec: _decoder(cfg, dec, mt)) for mt, dec in DECODERS.items()},
-    "deepseek_v2": _deepseek,
-    "deepseek_v3": _deepseek,
-    "gpt2": _gpt2,
+    mt: (lambda cfg, mt, fam=fam: _BUILDERS[fam.builder](cfg, fam, mt)) for mt, fam in FAMILY.items()
 }
 
 

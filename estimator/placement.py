@@ -83,12 +83,12 @@ def module_tree(spec: ModelSpec, dtype: str = "bfloat16") -> tuple[Node, list[li
     if len(spec.parts) > 1:
         raise UserError(f"{spec.name}: device_map placement of a multimodal wrapper (its towers) is not modelled; "
                         "the estimate per GPU covers text-only models")
-    from estimator.families import DECODERS
+    from estimator.family import family
 
     lay = _LAYOUTS.get(spec.model_type, _Layout())
     b = dtype_bytes(dtype)
     hidden, vocab = spec.hidden_size, spec.vocab_size
-    embed_scale = 1 if getattr(DECODERS.get(spec.model_type), "embed_scale", False) else 0
+    embed_scale = 1 if family(spec.model_type).embed_scale else 0
     layer_buffers = [_LAYER_BUFFERS.get(spec.model_type, lambda _: 0)(layer) for layer in spec.layers]
     head = 0 if spec.tie_word_embeddings else hidden * vocab
     extra = spec.other_params.get("other", 0) if lay.extra else 0  # GPT-2's learned positions (wpe)

@@ -1,70 +1,44 @@
-"""How each family's transformers 5.17 code computes a layer, where it differs from Llama's."""
+"""The replay's view of a family record (``estimator/family.py``): the flags its code branches on."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 from estimator.errors import UserError
+from estimator.family import family
 from estimator.spec import ModelSpec
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a family's transformers code computes a layer, where it differs from Llama's."""
+    """The flags the replay branches on. Compute knobs are the record's (their meaning: ``Family`` in
+    estimator/family.py); the others follow from its parameter layout, as ``layout`` derives them."""
 
-    norm: str = "rms"  # "rms" (Llama), "rms_gemma" (fp32 product, cast last), "layer" (LayerNorm kernel)
-    fused_qkv: bool = False  # one qkv projection (Phi-3, GPT-2); q, k, v are views of it
-    fused_gate_up: bool = False  # Phi-3: gate_up_proj, chunked
-    rope: str = "half"  # "half": rotate_half; "half_cat": Phi-3's extra cat; "split": gpt-oss's halves and
-    # cat; "complex": DeepSeek-V2's complex product; "none": learned positions; "partial": rotate_half on
-    # the first ``partial_rotary_factor`` of the head dim, then cat with the rest (Qwen3-Next)
-    act: str = "kernel"  # "kernel": one tensor (silu, gelu); "gelu_new": GPT-2's Python formula
-    sandwich_norms: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too
-    attn_softcap: bool = False  # Gemma 2 eager: scores / cap, tanh, * cap
-    final_softcap: bool = False  # Gemma 2: logits / cap, tanh, * cap
-    embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden)
-    learned_positions: bool = False  # GPT-2: wpe(position_ids) added to the embeddings
-    sdpa: bool = True  # False: transformers has no sdpa path (gpt-oss, with sinks): eager
-    eager_fp32_softmax: bool = True  # False: GPT-2's eager softmax stays in the model's dtype
-    router_fp32: bool = False  # DeepSeek: the router runs on an fp32 copy of the hidden states
-    expert_glu: str = "act"  # "act": act(gate) * up; "gpt_oss": clamped gate/up, gate * sigmoid(1.702 gate) * (up + 1)
-    expert_bias: bool = False  # gpt-oss: per-expert biases gathered for the routed rows
-    sinks: bool = False  # gpt-oss: one sink logit per head concatenated to the scores
-    gated_attention: bool = False  # Qwen3-Next: q_proj also yields a gate; output * sigmoid(gate)
-    shared_expert_gate: bool = False  # Qwen3-Next: shared expert first, scaled by sigmoid(gate(x))
-    qk_norm: bool = False  # Qwen3, Gemma 3, OLMoE: q_norm(q_proj(x)), k_norm(k_proj(x))
-    post_norms: bool = False  # OLMo 2/3: no norm before attention or the MLP, one on each output
-    # Granite: inputs_embeds * embedding_multiplier, residual + out * residual_multiplier, logits / logits_scaling
+    norm: str = "rms"
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    rope: str = "half"
+    act: str = "kernel"
+    sandwich_norms: bool = False  # Gemma 2/3's four norms a layer: norms on the attention and MLP outputs too
+    attn_softcap: bool = False
+    final_softcap: bool = False
+    embed_scale: bool = False
+    learned_positions: bool = False
+    sdpa: bool = True
+    eager_fp32_softmax: bool = True
+    router_fp32: bool = False
+    expert_glu: str = "act"
+    expert_bias: bool = False  # gpt-oss: per-expert biases gathered for the routed rows (MoE.expert_bias)
+    sinks: bool = False
+    gated_attention: bool = False  # Family.gated_query: output * sigmoid(gate)
+    shared_expert_gate: bool = False  # MoE.shared == "gated": shared expert first, scaled by sigmoid(gate(x))
+    qk_norm: bool = False  # Family.qk_norm set: q_norm(q_proj(x)), k_norm(k_proj(x))
+    post_norms: bool = False
     multipliers: bool = False
 
 
-# Compute-only knobs by model_type. The knobs that follow from the parameter layout (fused projections,
-# qk-norms, gated attention, sandwich norms, the scaled embedding, the shared expert's gate, expert biases,
-# sinks) come from estimator/families.py's DECODERS, one copy (``layout``); GPT-2 has no Decoder.
-LAYOUTS: dict[str, Layout] = {
-    "phi3": Layout(rope="half_cat"),
-    # GPT-NeoX's apply_rotary_pos_emb cats (rotated, pass) whatever rotary_pct is (Phi-3's pattern)
-    "gpt_neox": Layout(rope="half_cat"),
-    "gpt2": Layout(norm="layer", fused_qkv=True, rope="none", act="gelu_new", learned_positions=True,
-                   eager_fp32_softmax=False),
-    "gemma2": Layout(norm="rms_gemma", attn_softcap=True, final_softcap=True),
-    "gemma3_text": Layout(norm="rms_gemma"),
-    # OLMo 2: Olmo2RMSNorm multiplies by the weight in fp32, then casts; norms on the block outputs only
-    "olmo2": Layout(norm="rms_gemma", post_norms=True),
-    "olmo3": Layout(norm="rms_gemma", post_norms=True),
-    "granite": Layout(multipliers=True),
-    "exaone4": Layout(post_norms=True),  # Exaone4RMSNorm is Llama's
-    "gpt_oss": Layout(norm="rms_gemma", rope="split", sdpa=False, expert_glu="gpt_oss"),
-    "deepseek_v2": Layout(rope="complex", router_fp32=True),
-    "deepseek_v3": Layout(router_fp32=True),
-    "qwen3_next": Layout(norm="rms_gemma", rope="partial"),
-    # Qwen3.5 follows Qwen3-Next's code (Qwen3_5RMSNorm is 1 + weight; partial rotary); its split delta-net
-    # projections (in_proj_qkv + in_proj_z) are replayed as Qwen3-Next's fused ones: not checked on a trace
-    "qwen3_5_text": Layout(norm="rms_gemma", rope="partial"),
-    "qwen3_5_moe_text": Layout(norm="rms_gemma", rope="partial"),
-}
-DEFAULT_LAYOUT = Layout()  # every other family follows Llama's code (qwen2/3, mistral, mixtral, olmoe...)
+DEFAULT_LAYOUT = Layout()  # Llama's code
 
 
 def rotary_fraction(spec: ModelSpec, lay: Layout) -> float:
@@ -82,18 +56,18 @@ def rotary_fraction(spec: ModelSpec, lay: Layout) -> float:
 
 @lru_cache(maxsize=None)
 def layout(model_type: str) -> Layout:
-    """``LAYOUTS``' compute knobs with the layout knobs of the family's ``Decoder`` (estimator/families.py)."""
-    from estimator.families import _MOE, DECODERS
-
-    lay = LAYOUTS.get(model_type, DEFAULT_LAYOUT)
-    dec = DECODERS.get(model_type)
-    if dec is None:
-        return lay
-    moe = _MOE[dec.moe] if dec.moe else None
-    return replace(lay, norm="layer" if dec.layer_norm else lay.norm, fused_qkv=dec.fused_qkv, fused_gate_up=dec.fused_gate_up, qk_norm=dec.qk_norm is not None,
-                   gated_attention=dec.gated_query, sandwich_norms=dec.norms_per_layer == 4,
-                   embed_scale=dec.embed_scale, sinks=dec.sinks, expert_bias=bool(moe and moe.expert_bias),
-                   shared_expert_gate=bool(moe and moe.shared == "gated"))
+    """The replay's view of the family record of ``model_type`` (``estimator/family.py``): its compute
+    knobs as they are, its parameter-layout knobs as the flags the replay branches on."""
+    fam = family(model_type)
+    moe = fam.moe
+    return Layout(norm=fam.norm, fused_qkv=fam.fused_qkv, fused_gate_up=fam.fused_gate_up, rope=fam.rope,
+                  act=fam.act, sandwich_norms=fam.norms_per_layer == 4, attn_softcap=fam.attn_softcap,
+                  final_softcap=fam.final_softcap, embed_scale=fam.embed_scale,
+                  learned_positions=fam.learned_positions, sdpa=fam.sdpa, eager_fp32_softmax=fam.eager_fp32_softmax,
+                  router_fp32=fam.router_fp32, expert_glu=fam.expert_glu, expert_bias=bool(moe and moe.expert_bias),
+                  sinks=fam.sinks, gated_attention=fam.gated_query,
+                  shared_expert_gate=bool(moe and moe.shared == "gated"), qk_norm=fam.qk_norm is not None,
+                  post_norms=fam.post_norms, multipliers=fam.multipliers)
 
 
 def attention_used(model_type: str, attn: str) -> str:

@@ -4,7 +4,7 @@
 2.11, sm90), composed of one module per subject: ``blocks`` (norms, rotary, MLP, MoE), ``attention``
 (the cache, sdpa/eager/flash, MLA, masks) and ``linear_attention`` (Qwen3-Next's gated delta-net). It
 writes onto a ``Tape`` (``estimator/replay/engine.py``) the requests a plain run makes; family quirks
-come from ``estimator/replay/layouts.py``. Sizes in bytes.
+come from the family record (``estimator/family.py``, through ``layouts.py``). Sizes in bytes.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ Tensors of at most 1 MiB are left out: they come from the allocator's small pool
 change the peaks by a few MiB, which the ``workspace_bytes`` coefficient absorbs together with the
 cuBLAS workspace.
 
-Family quirks live in ``layout(model_type)``: ``LAYOUTS``' compute knobs and the parameter-layout knobs of
-``estimator/families.py``'s ``DECODERS``; everything else follows from the ``ModelSpec``.
+Family quirks live in ``layout(model_type)``: the replay's view of the model type's record in
+``estimator/family.py``; everything else follows from the ``ModelSpec``.
 
 How it runs fast, with the same result as replaying every tensor of every layer and step: the template
 engine (``estimator/replay/engine.py``) records each piece once and replays it; the plain replay

@@ -17,7 +17,8 @@ import pytest
 from estimator import Workload, list_models, load_model
 from estimator.catalogue import CONFIG_DIR
 from estimator.errors import UserError
-from estimator.families import _MOE, DECODERS, spec_from_config
+from estimator.family import FAMILY
+from estimator.families import FAMILIES, spec_from_config
 from estimator.replay import layout, parameter_bytes, rotary_fraction, simulate
 from estimator.replay.program import Program
 from estimator.quant import weights_bytes
@@ -33,19 +34,23 @@ def test_replayed_weights_are_weights_bytes(model, dtype):
     assert sum(parameter_bytes(spec, Workload(context=128, dtype=dtype))) == weights_bytes(spec, dtype)
 
 
-@pytest.mark.parametrize("model_type", sorted(DECODERS))
-def test_layout_knobs_are_the_decoders(model_type):
-    """The replay's copy of each parameter-layout knob is the family record's."""
-    dec, lay = DECODERS[model_type], layout(model_type)
-    moe = _MOE[dec.moe] if dec.moe else None
-    assert lay.fused_qkv == dec.fused_qkv and lay.fused_gate_up == dec.fused_gate_up
-    assert lay.qk_norm == (dec.qk_norm is not None)
-    assert lay.gated_attention == dec.gated_query
-    assert lay.sandwich_norms == (dec.norms_per_layer == 4)
-    assert lay.embed_scale == dec.embed_scale
-    assert lay.sinks == dec.sinks
-    assert lay.expert_bias == bool(moe and moe.expert_bias)
-    assert lay.shared_expert_gate == bool(moe and moe.shared == "gated")
+@pytest.mark.parametrize("model_type", sorted(FAMILY))
+def test_layout_is_the_family_record(model_type):
+    """The replay's flags are its model type's one record (estimator/family.py), read and derived."""
+    fam, lay = FAMILY[model_type], layout(model_type)
+    for knob in ("norm", "fused_qkv", "fused_gate_up", "rope", "act", "attn_softcap", "final_softcap", "embed_scale",
+                 "learned_positions", "sdpa", "eager_fp32_softmax", "router_fp32", "expert_glu", "sinks",
+                 "post_norms", "multipliers"):
+        assert getattr(lay, knob) == getattr(fam, knob), knob
+    assert lay.qk_norm == (fam.qk_norm is not None)
+    assert lay.gated_attention == fam.gated_query
+    assert lay.sandwich_norms == (fam.norms_per_layer == 4)
+    assert lay.expert_bias == bool(fam.moe and fam.moe.expert_bias)
+    assert lay.shared_expert_gate == bool(fam.moe and fam.moe.shared == "gated")
+
+
+def test_every_record_has_a_builder_and_every_builder_a_record():
+    assert set(FAMILIES) == set(FAMILY)
 
 
 def test_ssm_layers_are_refused_not_replayed_as_qwen3_next():
@@ -60,7 +65,7 @@ def test_ssm_layers_are_refused_not_replayed_as_qwen3_next():
 
 @pytest.mark.parametrize("model", MODELS)
 def test_rotary_fraction_is_the_specs(model):
-    """The replay rotates what the spec's rotary buffers count (``Decoder``: 2 * (rotary_dim // 2) each)."""
+    """The replay rotates what the spec's rotary buffers count (``_decoder``: 2 * (rotary_dim // 2) each)."""
     spec = load_model(model)
     lay = layout(spec.model_type)
     fraction = rotary_fraction(spec, lay)
